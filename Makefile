@@ -1,0 +1,57 @@
+# bmp-lightning — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONSTRAINTS := requirements/constraints.txt
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# exact torch/torchvision pair first: never let pip resolve torch freely (see README, "Install")
+	$(PIP) install -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep]"
+	$(PY) -m bmp_lightning.utils.check_env
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with the pinned dependencies (CPU or GPU machine)
+
+test: install ## run the fast test suite (no network, no GPU)
+	$(PY) -m pytest -m "not slow and not gpu" -q $(PYTEST_ARGS)
+
+test-full: install ## run every test except the gpu ones, slow included
+	$(PY) -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+test-gpu: install ## run the gpu-marked tests (on a CUDA machine)
+	$(PY) -m pytest -m gpu -q $(PYTEST_ARGS)
+
+lint: install ## ruff lint + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## ruff autofix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench-data: install ## data pipeline throughput (samples/s per worker, decoder instances/s)
+	$(PY) -m bmp_lightning.utils.bench data
+
+clean: ## remove caches and build files (keeps .venv and logs)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+clean-logs: ## remove logs/
+	rm -rf logs/*
+
+clean-all: clean clean-logs ## also remove the virtual environment
+	rm -rf $(VENV)
+
+.PHONY: help install test test-full test-gpu lint format bench-data clean clean-logs clean-all

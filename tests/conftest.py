@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The `shared` folder beside the project (real sample data, oracle); tests skip when it is absent."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data folder not found beside the project ({SHARED.name}/data): real-data test skipped")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def oracle_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "oracle"
+    if not path.is_dir():
+        pytest.skip("shared/oracle not found beside the project: oracle test skipped")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
