@@ -1,0 +1,115 @@
+"""Run helpers shared by the Hydra entry points: instantiation, seeding, resume, result files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("bmp_lightning")
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config dict (callbacks, loggers); None/empty -> []."""
+    objs: list[Any] = []
+    if not cfg:
+        return objs
+    for _, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            objs.append(hydra.utils.instantiate(conf))
+    return objs
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write json through a temporary file + rename, so a crash never leaves a half-written result file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`auto` -> the newest `checkpoints/last.ckpt` among this experiment's runs (siblings of the run dir).
+
+    Run dirs are logs/<task>/<experiment>/<time>, so the experiment folder is the run dir's parent.
+    """
+    if ckpt_path is None or str(ckpt_path) != "auto":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return ckpt_path
+    output_dir = Path(output_dir)
+    candidates = [p for p in output_dir.parent.glob("*/checkpoints/last.ckpt")]
+    candidates += list(output_dir.glob("checkpoints/last.ckpt"))
+    candidates = sorted(set(candidates), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        log.warning("ckpt_path=auto: no last.ckpt under %s; starting from scratch", output_dir.parent)
+        return None
+    log.info("ckpt_path=auto: resuming from %s", candidates[-1])
+    return str(candidates[-1])
+
+
+def task_wrapper(fn: Callable) -> Callable:
+    """Log failures with the run dir, and always close W&B so multirun jobs don't log into one run."""
+
+    @wraps(fn)
+    def wrapped(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except Exception:
+            log.exception("task failed; run dir: %s", cfg.paths.get("output_dir", "?"))
+            raise
+        finally:
+            try:
+                import wandb
+
+                if wandb.run:
+                    wandb.finish()
+            except ImportError:
+                pass
+
+    return wrapped
+
+
+def log_hyperparameters(cfg: DictConfig, model: Any, loggers: list[Any]) -> None:
+    """Send the resolved config plus parameter counts to every logger."""
+    if not loggers:
+        return
+    hp = OmegaConf.to_container(cfg, resolve=True)
+    hp["model/params/total"] = sum(p.numel() for p in model.parameters())
+    hp["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for lg in loggers:
+        lg.log_hyperparams(hp)
+
+
+def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The optimised metric for sweepers; a clear error if it was never logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric '{name}' was not logged; logged: {sorted(metrics)}")
+    value = metrics[name]
+    return float(value.item() if hasattr(value, "item") else value)
