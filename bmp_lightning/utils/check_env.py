@@ -27,7 +27,8 @@ def main() -> int:
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
     keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
     assert keep.tolist() == [0], keep
-    print(f"environment ok: torch {torch.__version__}, torchvision {torchvision.__version__}, cuda={torch.cuda.is_available()}")
+    cuda = torch.cuda.is_available()
+    print(f"environment ok: torch {torch.__version__}, torchvision {torchvision.__version__}, cuda={cuda}")
     return 0
 
 
