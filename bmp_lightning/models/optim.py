@@ -1,0 +1,115 @@
+"""Layer-wise lr decay parameter groups and the ViTPose warm-up + multi-step schedule.
+
+What MMPose's ``LayerDecayOptimWrapperConstructor`` actually does (``reference/mm_architectures.md`` A11; its
+``custom_keys`` are ignored):
+- no weight decay for 1-D params, names ending in ``.bias`` and names containing ``pos_embed``;
+- layer id 0: patch embedding, position embedding, cls/mask tokens; id i+1: backbone block i;
+  id ``num_layers - 1``: everything else (final norm, head);
+- lr of a group = ``base_lr * layer_decay ** (num_layers - 1 - id)``.
+Our block names are ``backbone.blocks.{i}``; MMPose's ``backbone.layers.{i}`` is understood too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+_EMBED = re.compile(r"(?:^|\.)backbone\.(?:patch_embed\.|pos_embed$|cls_token$|mask_token$)")
+_BLOCK = re.compile(r"(?:^|\.)backbone\.(?:blocks|layers)\.(\d+)\.")
+
+
+def layer_id(name: str, num_layers: int = 14) -> int:
+    """Layer id of a parameter name (see module docstring); ``num_layers`` = backbone depth + 2."""
+    if _EMBED.search(name):
+        return 0
+    m = _BLOCK.search(name)
+    if m:
+        block = int(m.group(1))
+        if block + 1 >= num_layers - 1:
+            raise ValueError(f"{name}: block {block} needs num_layers >= {block + 3}, got {num_layers}")
+        return block + 1
+    return num_layers - 1
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """MMPose rule: 1-D params (norms, biases), any ``.bias`` and ``pos_embed`` get no weight decay."""
+    return param.ndim == 1 or name.endswith(".bias") or "pos_embed" in name
+
+
+def layer_decay_param_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    layer_decay: float = 0.75,
+    num_layers: int = 14,
+) -> list[dict]:
+    """Optimizer parameter groups with layer-wise lr decay (one group per (layer id, decay/no-decay)).
+
+    Each group has ``params``, ``lr = base_lr * lr_scale``, ``weight_decay``, and records ``lr_scale``, ``layer_id``
+    and ``group_name`` (e.g. ``layer_3_decay``). Frozen parameters are left out. Schedulers built on
+    ``LambdaLR`` scale each group from its own initial lr, preserving the per-layer ratios.
+    """
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lid = layer_id(name, num_layers)
+        decay = not no_weight_decay(name, param)
+        key = f"layer_{lid}_{'decay' if decay else 'no_decay'}"
+        if key not in groups:
+            scale = layer_decay ** (num_layers - 1 - lid)
+            groups[key] = {
+                "params": [],
+                "param_names": [],
+                "lr": base_lr * scale,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "layer_id": lid,
+                "group_name": key,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return sorted(groups.values(), key=lambda g: (g["layer_id"], g["weight_decay"]))
+
+
+def warmup_multistep_factor(
+    step: int,
+    steps_per_epoch: int,
+    warmup_iters: int = 500,
+    warmup_factor: float = 0.001,
+    milestones: Sequence[int] = (170, 200),
+    gamma: float = 0.1,
+) -> float:
+    """lr factor at optimizer step ``step`` (0-based): MMEngine ``LinearLR`` x ``MultiStepLR`` (by epoch), chained.
+
+    Warm-up: ``warmup_factor + (1 - warmup_factor) * step / warmup_iters`` for ``step < warmup_iters``; then
+    ``gamma ** (number of milestones <= epoch)`` with ``epoch = step // steps_per_epoch``.
+    """
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    warm = warmup_factor + (1.0 - warmup_factor) * step / warmup_iters if step < warmup_iters else 1.0
+    epoch = step // steps_per_epoch
+    return warm * gamma ** bisect.bisect_right(sorted(milestones), epoch)
+
+
+def build_warmup_multistep_scheduler(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    warmup_iters: int = 500,
+    warmup_factor: float = 0.001,
+    milestones: Sequence[int] = (170, 200),
+    gamma: float = 0.1,
+) -> LambdaLR:
+    """Per-step ``LambdaLR`` for :func:`warmup_multistep_factor`; step it after every optimizer step
+    (Lightning: ``{"scheduler": s, "interval": "step"}``). Each group keeps its layer-decay ratio."""
+    milestones = tuple(milestones)
+
+    def factor(step: int) -> float:
+        return warmup_multistep_factor(step, steps_per_epoch, warmup_iters, warmup_factor, milestones, gamma)
+
+    return LambdaLR(optimizer, factor)
