@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "UDPHeatmap",
@@ -78,9 +77,7 @@ class UDPHeatmap:
         self.sigma = float(sigma)
         self.blur_kernel_size = int(blur_kernel_size)
         # input pixels per heatmap pixel, (w, h): (191/47, 255/63) for the defaults
-        self.scale_factor = np.array(
-            [(self.input_size[0] - 1) / (self.heatmap_size[0] - 1), (self.input_size[1] - 1) / (self.heatmap_size[1] - 1)]
-        )
+        self.scale_factor = (np.array(self.input_size, np.float64) - 1) / (np.array(self.heatmap_size) - 1)
         kernel = gaussian_kernel_1d(self.blur_kernel_size)
         w, h = self.heatmap_size
         # The zero-padded separable blur as two small dense matrices: blurred = Bh @ hm @ Bw^T. A matmul beats a
