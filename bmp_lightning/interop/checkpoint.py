@@ -83,18 +83,31 @@ def safe_load(path: str | Path, *, allow_numpy: bool = True, placeholders: bool 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: tensors and containers only
+        return _load_or_explain(path, [])
     extra: list[Any] = _numpy_globals() if allow_numpy else []
-    try:
-        if placeholders:
+    if placeholders:
+        try:
             extra += _placeholder_globals(path)
+        except Exception as err:  # e.g. a legacy (non-zip) file that cannot be scanned: load without placeholders
+            log.debug("%s: cannot list its globals (%s)", path, err)
+    return _load_or_explain(path, extra)
+
+
+def _load_or_explain(path: Path, extra: list[Any]) -> Any:
+    try:
+        if not extra:
+            return torch.load(path, map_location="cpu", weights_only=True)
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # legacy (non-zip) format: the torch message below still names the culprit
-            unsafe = []
-        listed = ", ".join(unsafe) if unsafe else str(err).splitlines()[-1][:300]
+            listed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # legacy (non-zip) format or old torch: quote torch's own reason
+            listed = ""
+        if not listed:
+            lines = str(err).splitlines()
+            listed = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0] if lines else "?")[:300]
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle arbitrary Python objects (weights_only=True). The file references: "
             f"{listed}. Load it with safe_load(..., placeholders=True) to keep only tensors and plain data, or "

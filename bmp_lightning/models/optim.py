@@ -97,7 +97,7 @@ def warmup_multistep_factor(
     return warm * gamma ** bisect.bisect_right(sorted(milestones), epoch)
 
 
-def build_warmup_multistep_scheduler(
+def build_warmup_multistep(
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
     warmup_iters: int = 500,
@@ -113,3 +113,6 @@ def build_warmup_multistep_scheduler(
         return warmup_multistep_factor(step, steps_per_epoch, warmup_iters, warmup_factor, milestones, gamma)
 
     return LambdaLR(optimizer, factor)
+
+
+build_warmup_multistep_scheduler = build_warmup_multistep  # longer alias

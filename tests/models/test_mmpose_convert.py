@@ -222,6 +222,11 @@ def test_safe_load_custom_class_and_numpy_meta(tmp_path):
     with pytest.raises(FileNotFoundError):
         safe_load(tmp_path / "nope.pth")
 
+    legacy = tmp_path / "legacy.pth"  # pre-1.6 (non-zip) serialisation: still refused, still a clear message
+    torch.save({"meta": _CustomMeta()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="legacy.pth.*_CustomMeta"):
+        safe_load(legacy)
+
 
 # ---------------------------------------------------------------------------------------------- MAE / timm init
 

@@ -7,7 +7,7 @@ import torch
 
 from bmp_lightning.models.components.pose_net import vitpose_b
 from bmp_lightning.models.optim import (
-    build_warmup_multistep_scheduler,
+    build_warmup_multistep,
     layer_decay_param_groups,
     layer_id,
     warmup_multistep_factor,
@@ -118,7 +118,7 @@ def test_schedule_values_per_step():
         [{"params": [p], "lr": BASE_LR}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": BASE_LR * 0.75}],
         lr=BASE_LR,
     )
-    sched = build_warmup_multistep_scheduler(opt, steps_per_epoch, warmup_iters=500, warmup_factor=0.001)
+    sched = build_warmup_multistep(opt, steps_per_epoch, warmup_iters=500, warmup_factor=0.001)
     lrs, lrs_decayed = [], []
     for _ in range(2101):
         lrs.append(opt.param_groups[0]["lr"])
