@@ -1,0 +1,555 @@
+"""Top-down pose transforms: one person -> a 192x256 crop (+ UDP heatmap targets when training).
+
+A sample is a plain dict. Input keys:
+
+* ``img`` ``(H, W, 3)`` uint8 RGB; ``bbox`` ``(4,)`` xyxy; ``keypoints`` ``(K, 2)``; ``keypoints_visible`` ``(K,)``
+  0/1; ``mask`` ``(H, W)`` uint8 0/1 or None;
+* optional ``flip_indices``, ``upper_body_ids``, ``lower_body_ids`` (defaults from
+  :mod:`bmp_lightning.data.keypoints` for K = 21 or 17) and ``where`` (file/entry text used in error messages).
+
+Every transform is ``__call__(sample, rng) -> sample`` and draws all its randomness from ``rng``, so a pipeline is
+deterministic given the generator. Transforms replace arrays instead of writing into them, so the caller's arrays
+are never modified.
+
+Order and constants follow BBoxMaskPose (``reference/bmp_reference.md`` §2-3, ``mm_architectures.md`` A10), including
+its crop bookkeeping: ``bbox`` is the *unpadded* working box (the fork's ``bbox_xyxy_wrt_input``). Flip, half-body
+and bbox jitter edit that box (the half-body box is clipped to it; shift/scale act on the unpadded size) and
+``TopdownAffine`` recomputes center/scale from it with padding 1.25, then fixes the aspect ratio to 192:256 by
+enlarging the short side. ``bbox_center``/``bbox_scale`` always describe the padded box; after ``TopdownAffine``
+they are the final aspect-fixed values that decoding needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bmp_lightning.data.codec import UDPHeatmap
+from bmp_lightning.data.keypoints import (
+    COCO_FLIP_INDICES,
+    FLIP_INDICES,
+    LOWER_BODY_IDS,
+    NUM_COCO_KEYPOINTS,
+    NUM_KEYPOINTS,
+    UPPER_BODY_IDS,
+)
+from bmp_lightning.data.mask_perturb import perturb_mask
+from bmp_lightning.data.records import BadSampleError
+
+Sample = dict[str, Any]
+
+__all__ = [
+    "Compose",
+    "GetBBoxCenterScale",
+    "MaskBackground",
+    "RandomFlip",
+    "RandomHalfBody",
+    "RandomBBoxTransform",
+    "TopdownAffine",
+    "PhotometricAug",
+    "GenerateTarget",
+    "build_pose_pipeline",
+    "bbox_xyxy_to_cs",
+    "bbox_cs_to_xyxy",
+    "fix_aspect_ratio",
+    "get_udp_warp_matrix",
+    "affine_points",
+    "truncated_normal",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _where(sample: Sample) -> str:
+    return str(sample.get("where") or sample.get("image_path") or "<sample>")
+
+
+def bbox_xyxy_to_cs(bbox: np.ndarray, padding: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """xyxy ``(4,)`` -> center ``(2,)`` and scale ``(2,)`` = (w, h) * padding (float64)."""
+    bbox = np.asarray(bbox, np.float64)
+    center = 0.5 * (bbox[:2] + bbox[2:4])
+    scale = (bbox[2:4] - bbox[:2]) * padding
+    return center, scale
+
+
+def bbox_cs_to_xyxy(center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """center/scale ``(2,)`` -> xyxy ``(4,)`` float64."""
+    center = np.asarray(center, np.float64)
+    scale = np.asarray(scale, np.float64)
+    return np.concatenate([center - 0.5 * scale, center + 0.5 * scale])
+
+
+def fix_aspect_ratio(scale: np.ndarray, aspect_ratio: float) -> np.ndarray:
+    """Enlarge the shorter side so that w / h == aspect_ratio (``(2,)`` -> ``(2,)``)."""
+    w, h = float(scale[0]), float(scale[1])
+    if w > h * aspect_ratio:
+        return np.array([w, w / aspect_ratio])
+    return np.array([h * aspect_ratio, h])
+
+
+def get_udp_warp_matrix(
+    center: Sequence[float], scale: Sequence[float], rot_deg: float, output_size: Sequence[int]
+) -> np.ndarray:
+    """UDP affine ``(2, 3)`` float64 mapping image pixels to crop pixels.
+
+    The box ``center +- scale / 2`` is rotated by ``rot_deg`` about its center and its edges land on crop pixels
+    0 and ``size - 1``: ``p_out = S R (p - center) + scale * S / 2`` with ``S = diag((size - 1) / scale)`` and
+    ``R = [[cos, -sin], [sin, cos]]`` (MMPose's sign convention).
+    """
+    cx, cy = float(center[0]), float(center[1])
+    sw, sh = float(scale[0]), float(scale[1])
+    if not (sw > 0 and sh > 0 and math.isfinite(sw) and math.isfinite(sh)):
+        raise ValueError(f"bbox scale must be positive and finite, got ({sw}, {sh})")
+    sx = (output_size[0] - 1) / sw
+    sy = (output_size[1] - 1) / sh
+    r = math.radians(rot_deg)
+    cos, sin = math.cos(r), math.sin(r)
+    return np.array(
+        [
+            [sx * cos, -sx * sin, sx * (-cos * cx + sin * cy + 0.5 * sw)],
+            [sy * sin, sy * cos, sy * (-sin * cx - cos * cy + 0.5 * sh)],
+        ]
+    )
+
+
+def affine_points(points: np.ndarray, mat: np.ndarray) -> np.ndarray:
+    """Apply a ``(2, 3)`` affine to ``(..., 2)`` points (float64 result)."""
+    points = np.asarray(points, np.float64)
+    mat = np.asarray(mat, np.float64)
+    return points @ mat[:, :2].T + mat[:, 2]
+
+
+def truncated_normal(rng: np.random.Generator, size: int | tuple[int, ...], low: float = -1.0, high: float = 1.0):
+    """Standard normal draws restricted to ``[low, high]`` (rejection sampling; float64 array of ``size``)."""
+    size = (size,) if isinstance(size, int) else tuple(size)
+    out = rng.standard_normal(size)
+    bad = (out < low) | (out > high)
+    while bad.any():
+        out[bad] = rng.standard_normal(int(bad.sum()))
+        bad = (out < low) | (out > high)
+    return out
+
+
+def _schema(sample: Sample) -> tuple[list[int], list[int], list[int]]:
+    """flip indices, upper ids, lower ids of the sample (its own keys, else the schema defaults)."""
+    k = len(sample["keypoints"])
+    if k == NUM_KEYPOINTS:
+        flip, upper, lower = FLIP_INDICES, UPPER_BODY_IDS, LOWER_BODY_IDS
+    elif k == NUM_COCO_KEYPOINTS:
+        flip = COCO_FLIP_INDICES
+        upper = tuple(i for i in UPPER_BODY_IDS if i < k)
+        lower = tuple(i for i in LOWER_BODY_IDS if i < k)
+    else:
+        flip = upper = lower = None
+    flip = sample.get("flip_indices", flip)
+    upper = sample.get("upper_body_ids", upper)
+    lower = sample.get("lower_body_ids", lower)
+    if flip is None or upper is None or lower is None:
+        raise ValueError(f"{_where(sample)}: {k} keypoints need flip_indices, upper_body_ids and lower_body_ids")
+    return list(flip), list(upper), list(lower)
+
+
+def _set_box(sample: Sample, bbox: np.ndarray, padding: float) -> None:
+    sample["bbox"] = np.asarray(bbox, np.float64)
+    sample["bbox_center"], sample["bbox_scale"] = bbox_xyxy_to_cs(bbox, padding)
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+class Compose:
+    """Run transforms in order on a shallow copy of the sample."""
+
+    def __init__(self, transforms: Sequence[Callable[[Sample, np.random.Generator], Sample]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        rng = np.random.default_rng() if rng is None else rng
+        sample = dict(sample)
+        for t in self.transforms:
+            sample = t(sample, rng)
+        return sample
+
+    def __repr__(self) -> str:
+        return "Compose(\n  " + ",\n  ".join(repr(t) for t in self.transforms) + "\n)"
+
+
+class GetBBoxCenterScale:
+    """``bbox`` -> ``bbox_center``, ``bbox_scale`` (= size * padding) and ``bbox_rotation`` 0; validates the box."""
+
+    def __init__(self, padding: float = 1.25) -> None:
+        self.padding = padding
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        bbox = np.asarray(sample["bbox"], np.float64).reshape(-1)
+        if bbox.shape != (4,) or not np.isfinite(bbox).all() or bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+            raise BadSampleError(f"{_where(sample)}: invalid xyxy bbox {bbox.tolist()}")
+        _set_box(sample, bbox, self.padding)
+        sample["bbox_rotation"] = 0.0
+        sample["padding"] = self.padding
+        return sample
+
+    def __repr__(self) -> str:
+        return f"GetBBoxCenterScale(padding={self.padding})"
+
+
+class MaskBackground:
+    """MaskPose's only use of the mask: dim the background of the full image.
+
+    ``img = round((1 - alpha) * img + alpha * img * mask)`` (``cv2.addWeighted``): foreground pixels are unchanged,
+    background pixels become ``round(0.8 * x)`` for alpha 0.2. With ``perturb`` the mask is first degraded by
+    :func:`~bmp_lightning.data.mask_perturb.perturb_mask`; the mask actually used replaces ``sample['mask']``.
+
+    Args:
+        alpha: weight of the masked image.
+        perturb: degrade the mask first (train only).
+        prob: probability of masking at all (BMP trains with 1.0).
+        erode_prob, erode_amount, dilate_prob, dilate_amount: perturbation parameters (see ``mask_perturb``).
+        continue_on_failure: pass samples without a mask through unchanged instead of raising ``BadSampleError``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        perturb: bool = False,
+        prob: float = 1.0,
+        erode_prob: float = 0.5,
+        erode_amount: float = 0.5,
+        dilate_prob: float = 0.5,
+        dilate_amount: float = 0.1,
+        continue_on_failure: bool = False,
+    ) -> None:
+        if not 0 <= alpha <= 1 or not 0 <= prob <= 1:
+            raise ValueError(f"alpha and prob must lie in [0, 1], got {alpha}, {prob}")
+        self.alpha = alpha
+        self.perturb = perturb
+        self.prob = prob
+        self.erode_prob = erode_prob
+        self.erode_amount = erode_amount
+        self.dilate_prob = dilate_prob
+        self.dilate_amount = dilate_amount
+        self.continue_on_failure = continue_on_failure
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        mask = sample.get("mask")
+        if mask is None:
+            if self.continue_on_failure:
+                return sample
+            raise BadSampleError(f"{_where(sample)}: MaskBackground needs an instance mask but the sample has none")
+        img = sample["img"]
+        if mask.shape[:2] != img.shape[:2]:
+            raise BadSampleError(f"{_where(sample)}: mask {mask.shape[:2]} does not match image {img.shape[:2]}")
+        if rng.random() >= self.prob:
+            return sample
+        mask = (np.asarray(mask) > 0).astype(np.uint8)
+        if self.perturb:
+            mask = perturb_mask(
+                mask,
+                rng,
+                erode_prob=self.erode_prob,
+                erode_amount=self.erode_amount,
+                dilate_prob=self.dilate_prob,
+                dilate_amount=self.dilate_amount,
+            )
+        masked = img * mask[..., None]
+        sample["img"] = cv2.addWeighted(img, 1.0 - self.alpha, masked, self.alpha, 0.0)
+        sample["mask"] = mask
+        return sample
+
+    def __repr__(self) -> str:
+        return f"MaskBackground(alpha={self.alpha}, perturb={self.perturb}, prob={self.prob})"
+
+
+class RandomFlip:
+    """Horizontal flip of the full image: x' = W - 1 - x for image, mask, box, center and keypoints; left/right
+    keypoints (and their visibilities) are swapped by ``flip_indices``. Sets ``flip``."""
+
+    def __init__(self, prob: float = 0.5) -> None:
+        self.prob = prob
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        flip = bool(rng.random() < self.prob)
+        sample["flip"] = flip
+        if not flip:
+            return sample
+        flip_indices, _, _ = _schema(sample)
+        img = sample["img"]
+        w = img.shape[1]
+        sample["img"] = np.ascontiguousarray(img[:, ::-1])
+        if sample.get("mask") is not None:
+            sample["mask"] = np.ascontiguousarray(sample["mask"][:, ::-1])
+        x1, y1, x2, y2 = np.asarray(sample["bbox"], np.float64)
+        sample["bbox"] = np.array([w - 1 - x2, y1, w - 1 - x1, y2])
+        if "bbox_center" in sample:
+            c = np.asarray(sample["bbox_center"], np.float64)
+            sample["bbox_center"] = np.array([w - 1 - c[0], c[1]])
+        kpts = np.asarray(sample["keypoints"], np.float64)[:, :2]
+        kpts = np.stack([w - 1 - kpts[:, 0], kpts[:, 1]], axis=1)
+        sample["keypoints"] = kpts[flip_indices]
+        sample["keypoints_visible"] = np.asarray(sample["keypoints_visible"])[flip_indices]
+        return sample
+
+    def __repr__(self) -> str:
+        return f"RandomFlip(prob={self.prob})"
+
+
+class RandomHalfBody:
+    """Crop the upper or the lower body only (BBoxMaskPose/ProbPose variant).
+
+    Applies (with ``prob``) to people with >= ``min_total_keypoints`` visible keypoints. The half is the upper one
+    with probability ``upper_prioritized_prob`` unless a half lacks keypoints (< ``min_upper_keypoints`` /
+    ``min_lower_keypoints``). New box: the visible half's keypoint extent * ``padding`` around their mean,
+    **clipped to the current box**.
+    """
+
+    def __init__(
+        self,
+        min_total_keypoints: int = 9,
+        min_upper_keypoints: int = 2,
+        min_lower_keypoints: int = 3,
+        padding: float = 1.5,
+        prob: float = 0.3,
+        upper_prioritized_prob: float = 0.7,
+    ) -> None:
+        self.min_total_keypoints = min_total_keypoints
+        self.min_upper_keypoints = min_upper_keypoints
+        self.min_lower_keypoints = min_lower_keypoints
+        self.padding = padding
+        self.prob = prob
+        self.upper_prioritized_prob = upper_prioritized_prob
+
+    def select(self, visible: np.ndarray, upper: Sequence[int], lower: Sequence[int], rng: np.random.Generator):
+        """The keypoint ids of the chosen half, or None (no half-body crop). Same draw order as MMPose."""
+        visible = np.asarray(visible).reshape(-1)
+        if (visible > 0).sum() < self.min_total_keypoints or rng.random() > self.prob:
+            return None
+        up = [i for i in upper if visible[i] > 0]
+        lo = [i for i in lower if visible[i] > 0]
+        prefer_upper = rng.random() < self.upper_prioritized_prob
+        if len(up) < self.min_upper_keypoints and len(lo) < self.min_lower_keypoints:
+            return None
+        if len(lo) < self.min_lower_keypoints:
+            return up
+        if len(up) < self.min_upper_keypoints:
+            return lo
+        return up if prefer_upper else lo
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        _, upper, lower = _schema(sample)
+        ids = self.select(sample["keypoints_visible"], upper, lower, rng)
+        sample["half_body"] = False
+        if ids is None:
+            return sample
+        pts = np.asarray(sample["keypoints"], np.float64)[ids, :2]
+        center = pts.mean(axis=0)
+        size = (pts.max(axis=0) - pts.min(axis=0)) * self.padding
+        box = bbox_cs_to_xyxy(center, size)
+        orig = np.asarray(sample["bbox"], np.float64)
+        box = np.concatenate([np.maximum(box[:2], orig[:2]), np.minimum(box[2:], orig[2:])])
+        wh = box[2:] - box[:2]
+        # keypoints outside their own box can leave nothing after the clip: keep the full box then
+        if (wh < 0).any() or (wh <= 0).all():
+            return sample
+        _set_box(sample, box, sample.get("padding", 1.25))
+        sample["half_body"] = True
+        return sample
+
+    def __repr__(self) -> str:
+        return f"RandomHalfBody(min_total_keypoints={self.min_total_keypoints}, prob={self.prob})"
+
+
+class RandomBBoxTransform:
+    """Jitter the box: shift by ``t * shift_factor * size``, scale by ``mid + half_range * t``, rotate by
+    ``t * rotate_factor`` degrees, each with its own probability; all ``t`` are truncated normals on [-1, 1].
+
+    As in the fork, shift and scale act on the unpadded working box; the rotation goes to ``bbox_rotation``.
+    """
+
+    def __init__(
+        self,
+        shift_factor: float = 0.16,
+        shift_prob: float = 0.3,
+        scale_factor: tuple[float, float] = (0.5, 1.5),
+        scale_prob: float = 1.0,
+        rotate_factor: float = 80.0,
+        rotate_prob: float = 0.6,
+    ) -> None:
+        self.shift_factor = shift_factor
+        self.shift_prob = shift_prob
+        self.scale_factor = tuple(scale_factor)
+        self.scale_prob = scale_prob
+        self.rotate_factor = rotate_factor
+        self.rotate_prob = rotate_prob
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
+        """Random (offset (2,) in box sizes, scale factor, rotation in degrees)."""
+        t = truncated_normal(rng, 4)
+        u = rng.random(3)
+        offset = t[:2] * self.shift_factor if u[0] < self.shift_prob else np.zeros(2)
+        lo, hi = self.scale_factor
+        scale = (hi + lo) * 0.5 + t[2] * (hi - lo) * 0.5 if u[1] < self.scale_prob else 1.0
+        rot = t[3] * self.rotate_factor if u[2] < self.rotate_prob else 0.0
+        return offset, float(scale), float(rot)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        offset, scale, rot = self.draw(rng)
+        c, s = bbox_xyxy_to_cs(sample["bbox"], 1.0)
+        c = c + offset * s
+        s = s * scale
+        _set_box(sample, bbox_cs_to_xyxy(c, s), sample.get("padding", 1.25))
+        sample["bbox_rotation"] = rot
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomBBoxTransform(shift={self.shift_factor}@{self.shift_prob}, scale={self.scale_factor}"
+            f"@{self.scale_prob}, rotate={self.rotate_factor}@{self.rotate_prob})"
+        )
+
+
+class TopdownAffine:
+    """Warp the person to the model input with the UDP affine.
+
+    center/scale come from the working ``bbox`` x ``padding``; the aspect ratio is fixed to ``w / h`` of
+    ``input_size`` by enlarging the short side; rotation is ``bbox_rotation``. Bilinear, constant black border.
+
+    Outputs ``img`` ``(h, w, 3)``, ``keypoints`` ``(K, 2)`` float32 in crop pixels, ``warp_mat`` ``(2, 3)``,
+    final ``bbox_center``/``bbox_scale`` (float32, what :func:`~bmp_lightning.data.codec.keypoints_to_image`
+    needs), ``input_size``, and the warped ``mask`` if one is present (nearest neighbour, for visualisation).
+    """
+
+    def __init__(self, input_size: Sequence[int] = (192, 256), padding: float = 1.25) -> None:
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.padding = padding
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        w, h = self.input_size
+        center, scale = bbox_xyxy_to_cs(sample["bbox"], self.padding)
+        scale = fix_aspect_ratio(scale, w / h)
+        rot = float(sample.get("bbox_rotation", 0.0))
+        try:
+            mat = get_udp_warp_matrix(center, scale, rot, (w, h))
+        except ValueError as e:
+            raise BadSampleError(f"{_where(sample)}: {e}") from e
+        sample["img"] = cv2.warpAffine(sample["img"], mat, (w, h), flags=cv2.INTER_LINEAR)
+        if sample.get("mask") is not None:
+            sample["mask"] = cv2.warpAffine(sample["mask"], mat, (w, h), flags=cv2.INTER_NEAREST)
+        sample["keypoints"] = affine_points(np.asarray(sample["keypoints"])[:, :2], mat).astype(np.float32)
+        sample["keypoints_visible"] = np.asarray(sample["keypoints_visible"], np.float32)
+        sample["warp_mat"] = mat.astype(np.float32)
+        sample["bbox"] = np.asarray(sample["bbox"], np.float32)
+        sample["bbox_center"] = center.astype(np.float32)
+        sample["bbox_scale"] = scale.astype(np.float32)
+        sample["bbox_rotation"] = rot
+        sample["input_size"] = (w, h)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"TopdownAffine(input_size={self.input_size}, padding={self.padding})"
+
+
+class PhotometricAug:
+    """Pixel-level albumentations on the crop (not part of the BMP recipe; off by default in val).
+
+    Args:
+        transforms: albumentations transforms to use instead of the default set.
+        color_p: probability of a ColorJitter(brightness, contrast, saturation 0.2, hue 0.02).
+        blur_p: probability of one Gaussian or motion blur (kernel <= 5).
+        noise_p: probability of Gaussian noise (std 1-4 % of the range).
+    """
+
+    def __init__(
+        self,
+        transforms: Sequence[Any] | None = None,
+        color_p: float = 0.5,
+        blur_p: float = 0.1,
+        noise_p: float = 0.1,
+    ) -> None:
+        import albumentations as A
+
+        if transforms is None:
+            transforms = [
+                A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=color_p),
+                A.OneOf([A.GaussianBlur(blur_limit=(3, 5), p=1.0), A.MotionBlur(blur_limit=5, p=1.0)], p=blur_p),
+                A.GaussNoise(std_range=(0.01, 0.04), p=noise_p),
+            ]
+        self.aug = A.Compose(list(transforms))
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        # albumentations keeps its own generator: reseed it from ours so the pipeline stays deterministic
+        self.aug.set_random_seed(int(rng.integers(2**31 - 1)))
+        sample["img"] = self.aug(image=sample["img"])["image"]
+        return sample
+
+    def __repr__(self) -> str:
+        return f"PhotometricAug({[type(t).__name__ for t in self.aug.transforms]})"
+
+
+class GenerateTarget:
+    """Crop keypoints -> ``heatmaps`` ``(K, H, W)`` float32 and ``keypoint_weights`` ``(K,)`` float32."""
+
+    def __init__(self, codec: UDPHeatmap | None = None) -> None:
+        self.codec = codec if codec is not None else UDPHeatmap()
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        sample["heatmaps"], sample["keypoint_weights"] = self.codec.encode(
+            sample["keypoints"], sample["keypoints_visible"]
+        )
+        return sample
+
+    def __repr__(self) -> str:
+        c = self.codec
+        return f"GenerateTarget(UDPHeatmap(input={c.input_size}, heatmap={c.heatmap_size}, sigma={c.sigma}))"
+
+
+def build_pose_pipeline(
+    train: bool,
+    use_mask: bool,
+    input_size: Sequence[int] = (192, 256),
+    heatmap_size: Sequence[int] = (48, 64),
+    sigma: float = 2.0,
+    padding: float = 1.25,
+    mask_alpha: float = 0.2,
+    mask_perturb: bool = True,
+    mask_prob: float = 1.0,
+    mask_continue_on_failure: bool = False,
+    photometric: bool = True,
+    flip_prob: float = 0.5,
+    half_body_prob: float = 0.3,
+    shift_prob: float = 0.3,
+    scale_factor: tuple[float, float] = (0.5, 1.5),
+    rotate_factor: float = 80.0,
+    rotate_prob: float = 0.6,
+    val_targets: bool = False,
+) -> Compose:
+    """The top-down pipeline in BBoxMaskPose's order.
+
+    train: center/scale -> [MaskBackground(perturbed)] -> flip -> half-body -> bbox jitter -> UDP affine ->
+    [photometric] -> targets. val: center/scale -> [MaskBackground(no perturbation)] -> UDP affine [-> targets if
+    ``val_targets``]. ``use_mask`` selects MaskPose (True) or plain ViTPose (False).
+    """
+    ts: list[Any] = [GetBBoxCenterScale(padding)]
+    if use_mask:
+        ts.append(
+            MaskBackground(
+                alpha=mask_alpha,
+                perturb=train and mask_perturb,
+                prob=mask_prob if train else 1.0,
+                continue_on_failure=mask_continue_on_failure,
+            )
+        )
+    if train:
+        ts += [
+            RandomFlip(flip_prob),
+            RandomHalfBody(prob=half_body_prob),
+            RandomBBoxTransform(
+                shift_prob=shift_prob, scale_factor=scale_factor, rotate_factor=rotate_factor, rotate_prob=rotate_prob
+            ),
+        ]
+    ts.append(TopdownAffine(input_size, padding))
+    if train and photometric:
+        ts.append(PhotometricAug())
+    if train or val_targets:
+        ts.append(GenerateTarget(UDPHeatmap(input_size, heatmap_size, sigma)))
+    return Compose(ts)
