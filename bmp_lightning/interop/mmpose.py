@@ -58,6 +58,10 @@ _ORIGINAL_TO_OURS: tuple[tuple[str, str], ...] = (
     ),
     (r"^backbone\.pos_embed$", "backbone.pos_embed"),
 )
+_OURS_IDENTITY: tuple[tuple[str, str], ...] = (
+    (r"^(backbone\.(patch_embed\.proj|blocks\.\d+|norm)|head\.(deconv_layers\.\d+|final_layer))\.", r"\1."),
+    (r"^backbone\.pos_embed$", "backbone.pos_embed"),
+)
 _DROPPED = re.compile(r"^(backbone\.cls_token|data_preprocessor\..*)$")
 
 
@@ -120,12 +124,14 @@ def convert_mmpose_vitpose(checkpoint: Mapping, num_patches: int = NUM_PATCHES_2
         checkpoint: a loaded ``.pth`` (``{'state_dict': ..., 'meta': ...}``) or a bare state dict.
         num_patches: token count of the target model (192 = 16x12 for 256x192 crops).
 
-    Keys that match no rule are passed through unchanged (and logged), so that
-    :func:`~bmp_lightning.interop.checkpoint.load_state_dict_report` reports them as unexpected.
+    A state dict already in our names is returned unchanged. Keys that match no rule are kept as is (and logged), so
+    that :func:`~bmp_lightning.interop.checkpoint.load_state_dict_report` reports them as unexpected.
     """
     sd = _unwrap(checkpoint)
     original = is_original_vitpose_checkpoint(sd)
     rules = _ORIGINAL_TO_OURS if original else _MMPOSE_TO_OURS
+    if not original and not is_mmpose_checkpoint(sd) and any(k.startswith("backbone.blocks.") for k in sd):
+        rules = _OURS_IDENTITY  # already in our names: converting again is a no-op
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in sd.items():

@@ -136,6 +136,15 @@ def test_round_trip_through_mmpose_names_gives_identical_outputs():
         torch.testing.assert_close(dst(x), src(x), atol=0, rtol=0)
 
 
+def test_converting_our_own_weights_is_a_no_op(caplog):
+    net = _tiny()
+    ours = net.state_dict()
+    with caplog.at_level(logging.WARNING):
+        again = convert_mmpose_vitpose(ours, num_patches=TINY_GRID)
+    assert set(again) == set(ours) and all(again[k] is ours[k] for k in ours)
+    assert "match no rule" not in caplog.text
+
+
 def test_stray_missing_and_mismatched_keys_are_reported(caplog):
     net = _tiny(21)
     sd = _mmpose_sd(net)
