@@ -173,6 +173,7 @@ class UDPHeatmap:
         eps = float(np.finfo(np.float32).eps)
         a, c = dxx + eps, dyy + eps
         det = a * c - dxy * dxy
+        # a singular Hessian (flat, fully clipped log map) gets no step rather than MMPose's grad / eps jump
         ok = valid & (det.abs() > 1e-12)
         safe_det = torch.where(ok, det, torch.ones_like(det))
         step_x = (c * dx - dxy * dy) / safe_det
