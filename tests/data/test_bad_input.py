@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.readers import ReadReport, read_coco_keypoints, read_detections, read_mpii
 from bmp_lightning.data.records import BadSampleError
 
@@ -102,3 +103,73 @@ def test_bad_detections(tmp_path: Path):
     recs = read_detections(f, gt, tmp_path, skip_bad_samples=True, report=report)
     assert len(recs) == 1 and report.skipped == 2 and report.filtered == {"empty box": 1}
     np.testing.assert_allclose(recs[0].bbox, [1, 2, 4, 6])
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def _image_dataset(tmp_path: Path, skip: bool):
+    """Four people on four images: #1 has no image file, #2 has corrupt bytes, #3 a mask of the wrong size."""
+    import cv2
+
+    from bmp_lightning.data.datasets import TopDownPoseDataset
+    from bmp_lightning.data.transforms import build_pose_pipeline
+
+    img = np.full((80, 100, 3), 120, np.uint8)
+    cv2.imwrite(str(tmp_path / "ok.jpg"), img)
+    cv2.imwrite(str(tmp_path / "ok2.jpg"), img)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    images = [
+        {"id": i + 1, "file_name": n, "width": 100, "height": 80}
+        for i, n in enumerate(["ok.jpg", "missing.jpg", "corrupt.jpg", "ok2.jpg"])
+    ]
+    seg = [[5, 5, 25, 5, 25, 35, 5, 35]]
+    anns = [_ann(10 + i, image_id=i + 1, segmentation=seg) for i in range(4)]
+    anns[3]["segmentation"] = mask_to_rle(np.ones((40, 50), np.uint8))  # an RLE of another image size
+    f = tmp_path / "imgs.json"
+    f.write_text(json.dumps({"images": images, "annotations": anns}))
+    recs = read_coco_keypoints(f, tmp_path)
+    pipe = build_pose_pipeline(train=False, use_mask=True)
+    return TopDownPoseDataset(recs, pipe, skip_bad_samples=skip, use_mask=True), f
+
+
+@pytest.mark.parametrize(
+    ("index", "msg"),
+    [
+        (1, r"image not found: .*missing.jpg \(.*imgs.json, image_id=2, instance id=11\)"),
+        (2, r"image unreadable or corrupt: .*corrupt.jpg \(.*imgs.json, image_id=3, instance id=12\)"),
+        (3, r"imgs.json, image_id=4, instance id=13: mask is \(40, 50\), image .*ok2.jpg is \(80, 100\)"),
+    ],
+    ids=["missing-image", "corrupt-image", "mask-size-mismatch"],
+)
+def test_bad_images_raise(tmp_path: Path, index: int, msg: str):
+    ds, _ = _image_dataset(tmp_path, skip=False)
+    assert ds[0]["img"].shape == (3, 256, 192)
+    with pytest.raises(BadSampleError, match=msg):
+        ds[index]
+
+
+def test_bad_images_skipped_and_counted(tmp_path: Path, caplog):
+    ds, _ = _image_dataset(tmp_path, skip=True)
+    with caplog.at_level(logging.WARNING, logger="bmp_lightning.data.datasets"):
+        out = [ds[i] for i in range(4)]
+    # every bad index is replaced by the only good sample
+    assert [int(o["instance_id"]) for o in out] == [10, 10, 10, 10]
+    assert ds.num_skipped == 3
+    assert "missing.jpg" in caplog.text and "corrupt.jpg" in caplog.text and "(3 so far" in caplog.text
+    ds[1]  # known-bad indices are not retried
+    assert ds.num_skipped == 3
+
+
+def test_missing_mask_for_maskpose(tmp_path: Path):
+    from bmp_lightning.data.datasets import TopDownPoseDataset
+    from bmp_lightning.data.transforms import build_pose_pipeline
+
+    f = _coco(tmp_path, [_ann(5)])
+    recs = read_coco_keypoints(f, tmp_path)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.zeros((80, 100, 3), np.uint8))
+    ds = TopDownPoseDataset(recs, build_pose_pipeline(train=False, use_mask=True), use_mask=True)
+    with pytest.raises(BadSampleError, match=r"bad.json, image_id=1, instance id=5: MaskBackground needs"):
+        ds[0]
+    optional = build_pose_pipeline(train=False, use_mask=True, mask_continue_on_failure=True)
+    assert TopDownPoseDataset(recs, optional, use_mask=True)[0]["img"].shape == (3, 256, 192)

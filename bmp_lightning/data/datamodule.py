@@ -1,0 +1,355 @@
+"""PoseDataModule: multi-source top-down pose training and per-dataset validation, wired by Hydra (conf/data/)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
+from bmp_lightning.data.readers import read_detections, read_source
+from bmp_lightning.data.records import PersonRecord
+from bmp_lightning.data.samplers import MultiSourceBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed the global numpy / random state of each worker differently.
+
+    Our own augmentations use per-sample generators; this covers libraries that draw from global state.
+    ``torch.initial_seed()`` already differs per worker and per DataLoader iterator.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)  # noqa: NPY002 - the global state is exactly what third-party code draws from
+    random.seed(seed)
+
+
+def _plain(x: Any) -> Any:
+    """OmegaConf containers (what Hydra passes) -> plain dicts/lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        pass
+    return x
+
+
+def _dist_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+@dataclass
+class ValSet:
+    """One validation set: where its ground truth lives (for COCO evaluation) and the records it crops."""
+
+    name: str
+    source: str
+    ann_file: str
+    img_dir: str
+    bbox_file: str | None = None
+    bbox_score_thr: float | None = None
+    use_mask: bool = False
+    reader: str = "coco"
+    records: list[PersonRecord] = field(default_factory=list)
+    dataset: TopDownPoseDataset | None = None
+
+
+class PoseDataModule(L.LightningDataModule):
+    """Top-down pose data: fixed-share multi-source training batches and one validation loader per dataset.
+
+    Args:
+        train_sources: one dict per source, in batch order (the first takes the batch remainder):
+            ``name``, ``source`` (keypoint mapping, default ``name``), ``ann_file``, ``img_dir``,
+            ``reader`` (``coco`` for any COCO-format json, ``mpii`` for MMPose's MPII list), ``ratio`` (default 1),
+            optional ``keypoint_format``.
+        val_sets: one dict per validation set: ``name`` (metric prefix ``val/<name>/...``), ``source``, ``ann_file``
+            (the GT json, also used for evaluation), ``img_dir``, optional ``bbox_file`` (a detections json;
+            default: GT boxes), ``bbox_score_thr``, ``use_mask`` and ``mask_optional`` (defaults: the module's),
+            ``reader``.
+        root: base for relative ``ann_file`` / ``img_dir`` / ``bbox_file`` paths.
+        batch_size: training batch per device (64 upstream); val_batch_size likewise (128 upstream).
+        use_mask: MaskPose input (instance masks dim the background); ``mask_optional``: people without a mask
+            pass unmasked instead of raising (upstream raises). The pipeline knobs
+            ``mask_alpha``, ``mask_perturb``, ``photometric``, ``input_size`` (w, h), ``heatmap_size`` (w, h), ``sigma``
+            go to ``bmp_lightning.data.transforms.build_pose_pipeline``.
+        skip_bad_samples: skip (count, log) broken annotations and images instead of failing.
+        seed: seed of the batch sampler's streams and the augmentation RNG.
+        synthetic: ``{out_dir, n_images, seed, ...}``: generate the synthetic dataset there when its files are missing
+            (``bmp_lightning.data.synthetic.generate``).
+
+    Under DDP the training batch sampler shards itself (``Trainer(use_distributed_sampler=False)`` is required);
+    validation loaders get a ``DistributedSampler`` without shuffling (padding duplicates share instance ids).
+    """
+
+    def __init__(
+        self,
+        train_sources: Sequence[Mapping[str, Any]] | None = None,
+        val_sets: Sequence[Mapping[str, Any]] | None = None,
+        root: str | None = None,
+        batch_size: int = 64,
+        val_batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        use_mask: bool = False,
+        mask_optional: bool = False,
+        mask_alpha: float = 0.2,
+        mask_perturb: bool = True,
+        photometric: bool = True,
+        input_size: Sequence[int] = (192, 256),
+        heatmap_size: Sequence[int] = (48, 64),
+        sigma: float = 2.0,
+        normalize: bool = True,
+        shuffle: bool = True,
+        skip_bad_samples: bool = False,
+        seed: int = 0,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = os.fspath(root) if root else None
+        self.train_sources = [self._source_cfg(s, i) for i, s in enumerate(_plain(train_sources) or [])]
+        self.val_cfgs = [dict(v) for v in (_plain(val_sets) or [])]
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.use_mask = bool(use_mask)
+        self.pipeline_kwargs = {
+            "mask_continue_on_failure": bool(mask_optional),
+            "mask_alpha": float(mask_alpha),
+            "mask_perturb": bool(mask_perturb),
+            "photometric": bool(photometric),
+            "input_size": tuple(int(v) for v in _plain(input_size)),
+            "heatmap_size": tuple(int(v) for v in _plain(heatmap_size)),
+            "sigma": float(sigma),
+        }
+        self.normalize = normalize
+        self.shuffle = shuffle
+        self.skip_bad_samples = bool(skip_bad_samples)
+        self.seed = int(seed)
+        self.synthetic = dict(_plain(synthetic)) if synthetic else None
+
+        self.train_dataset: TopDownPoseDataset | None = None
+        self.train_records: list[PersonRecord] = []
+        self.train_source_sizes: list[int] = []
+        self.val_sets_info: list[ValSet] = []
+
+    # ------------------------------------------------------------------ config helpers
+    def _path(self, p: str | None) -> str | None:
+        if p is None:
+            return None
+        p = os.path.expanduser(os.fspath(p))
+        return p if os.path.isabs(p) or not self.root else os.path.join(self.root, p)
+
+    def _source_cfg(self, cfg: Mapping[str, Any], i: int) -> dict[str, Any]:
+        cfg = dict(cfg)
+        missing = [k for k in ("ann_file", "img_dir") if not cfg.get(k)]
+        if missing:
+            raise ValueError(f"train source #{i} ({cfg.get('name')}) lacks {missing}")
+        cfg.setdefault("name", cfg.get("source", f"source{i}"))
+        cfg.setdefault("source", cfg["name"])
+        cfg.setdefault("reader", "coco")
+        cfg.setdefault("ratio", 1.0)
+        return cfg
+
+    @property
+    def train_source_names(self) -> list[str]:
+        return [s["name"] for s in self.train_sources]
+
+    @property
+    def val_set_names(self) -> list[str]:
+        """Validation set names in dataloader order (``dataloader_idx`` i -> ``val_set_names[i]``)."""
+        if self.val_sets_info:
+            return [v.name for v in self.val_sets_info]
+        return [v.get("name", v.get("source", f"val{i}")) for i, v in enumerate(self.val_cfgs)]
+
+    @property
+    def val_ann_files(self) -> list[str]:
+        """The ground-truth json of each validation set (what COCO evaluation scores against)."""
+        return [self._path(v["ann_file"]) for v in self.val_cfgs]
+
+    def pipeline(self, train: bool, use_mask: bool | None = None, mask_optional: bool | None = None) -> Any:
+        """``build_pose_pipeline`` with this module's knobs (``use_mask``/``mask_optional`` overridable per set)."""
+        from bmp_lightning.data.transforms import build_pose_pipeline
+
+        kwargs = dict(self.pipeline_kwargs)
+        if mask_optional is not None:
+            kwargs["mask_continue_on_failure"] = bool(mask_optional)
+        use_mask = self.use_mask if use_mask is None else use_mask
+        return build_pose_pipeline(train=train, use_mask=use_mask, **kwargs)
+
+    # ------------------------------------------------------------------ synthetic data
+    def _needed_files(self) -> list[str]:
+        files = [self._path(s["ann_file"]) for s in self.train_sources]
+        files += [self._path(v["ann_file"]) for v in self.val_cfgs]
+        return files
+
+    def _maybe_generate(self) -> None:
+        if not self.synthetic:
+            return
+        missing = [f for f in self._needed_files() if not os.path.isfile(f)]
+        if not missing:
+            return
+        from bmp_lightning.data.synthetic import generate
+
+        cfg = dict(self.synthetic)
+        out_dir = self._path(cfg.pop("out_dir", None)) or self.root
+        if not out_dir:
+            raise ValueError("data.synthetic needs an out_dir (or data.root)")
+        log.info("generating the synthetic dataset in %s (missing: %s)", out_dir, missing[0])
+        generate(out_dir, **cfg)
+
+    def prepare_data(self) -> None:
+        """Rank 0 only: write the synthetic dataset if it is configured and missing."""
+        self._maybe_generate()
+
+    # ------------------------------------------------------------------ datasets
+    def _read_train(self) -> None:
+        per_source = []
+        for s in self.train_sources:
+            extra = {k: s[k] for k in ("keypoint_format", "num_keypoints") if s.get(k) is not None}
+            recs = read_source(
+                s["reader"],
+                self._path(s["ann_file"]),
+                self._path(s["img_dir"]),
+                source=s["source"],
+                skip_bad_samples=self.skip_bad_samples,
+                **extra,
+            )
+            if not recs and float(s["ratio"]) > 0:
+                raise ValueError(f"train source {s['name']!r} has no usable instances ({self._path(s['ann_file'])})")
+            per_source.append(recs)
+        self.train_records, self.train_source_sizes = concat_records(per_source)
+        log.info("train sources %s", dict(zip(self.train_source_names, self.train_source_sizes)))
+        self.train_dataset = TopDownPoseDataset(
+            self.train_records,
+            self.pipeline(train=True),
+            skip_bad_samples=self.skip_bad_samples,
+            normalize=self.normalize,
+            seed=self.seed,
+            use_mask=self.use_mask,
+        )
+
+    def _read_val(self) -> None:
+        self.val_sets_info = []
+        for i, v in enumerate(self.val_cfgs):
+            name = v.get("name", v.get("source", f"val{i}"))
+            vs = ValSet(
+                name=name,
+                source=v.get("source", name),
+                ann_file=self._path(v["ann_file"]),
+                img_dir=self._path(v["img_dir"]),
+                bbox_file=self._path(v.get("bbox_file")),
+                bbox_score_thr=v.get("bbox_score_thr"),
+                use_mask=bool(v.get("use_mask", self.use_mask)),
+                reader=v.get("reader", "coco"),
+            )
+            if vs.bbox_file:
+                vs.records = read_detections(
+                    vs.bbox_file,
+                    vs.ann_file,
+                    vs.img_dir,
+                    score_thr=vs.bbox_score_thr,
+                    source=vs.source,
+                    skip_bad_samples=self.skip_bad_samples,
+                )
+            else:
+                extra = {k: v[k] for k in ("keypoint_format", "num_keypoints") if v.get(k) is not None}
+                vs.records = read_source(
+                    vs.reader, vs.ann_file, vs.img_dir, vs.source, skip_bad_samples=self.skip_bad_samples, **extra
+                )
+            vs.dataset = TopDownPoseDataset(
+                vs.records,
+                self.pipeline(train=False, use_mask=vs.use_mask, mask_optional=v.get("mask_optional")),
+                skip_bad_samples=self.skip_bad_samples,
+                normalize=self.normalize,
+                seed=self.seed,
+                use_mask=vs.use_mask,
+            )
+            self.val_sets_info.append(vs)
+            log.info("val set %s: %d instances (%s)", name, len(vs.records), "detections" if vs.bbox_file else "GT")
+
+    def setup(self, stage: str | None = None) -> None:
+        self._maybe_generate()  # no-op when the files exist (prepare_data ran) or nothing is synthetic
+        if stage in (None, "fit") and self.train_sources and self.train_dataset is None:
+            self._read_train()
+        if stage in (None, "fit", "validate", "test", "predict") and self.val_cfgs and not self.val_sets_info:
+            self._read_val()
+
+    # ------------------------------------------------------------------ loaders
+    def _check_lightning_sampler(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        conn = getattr(trainer, "_accelerator_connector", None)
+        if conn is not None and conn.use_distributed_sampler and conn.is_distributed:
+            raise RuntimeError(
+                "PoseDataModule shards training batches itself (MultiSourceBatchSampler): "
+                "set trainer.use_distributed_sampler=false for distributed training"
+            )
+
+    def train_batch_sampler(self) -> MultiSourceBatchSampler:
+        ratios = [float(s["ratio"]) for s in self.train_sources]
+        return MultiSourceBatchSampler(
+            self.train_source_sizes,
+            batch_size=self.batch_size,
+            source_ratio=ratios,
+            shuffle=self.shuffle,
+            seed=self.seed,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        if self.train_dataset is None:
+            raise RuntimeError("no train_sources configured")
+        self._check_lightning_sampler()
+        sampler = self.train_batch_sampler()
+        sampler.add_epoch_callback(self.train_dataset.set_epoch)
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.val_sets_info:
+            self.setup("validate")
+        world, rank = _dist_world()
+        loaders = []
+        for vs in self.val_sets_info:
+            sampler = DistributedSampler(vs.dataset, world, rank, shuffle=False) if world > 1 else None
+            loaders.append(
+                DataLoader(
+                    vs.dataset,
+                    batch_size=self.val_batch_size,
+                    shuffle=False,
+                    sampler=sampler,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=self.persistent_workers,
+                    worker_init_fn=seed_worker,
+                )
+            )
+        return loaders
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

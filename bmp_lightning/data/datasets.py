@@ -1,0 +1,193 @@
+"""Top-down pose dataset: one person record -> one normalised crop with targets and evaluation metadata."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bmp_lightning.data.io import read_image
+from bmp_lightning.data.records import BadSampleError, PersonRecord
+
+log = logging.getLogger(__name__)
+
+# ImageNet statistics on the 0-255 RGB scale (MMPose's PoseDataPreprocessor after BGR->RGB).
+IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+Pipeline = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+def normalize_image(img: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` RGB uint8 -> ``(3, H, W)`` float32, ``(x - mean) / std`` per channel."""
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def concat_records(sources: Sequence[Sequence[PersonRecord]]) -> tuple[list[PersonRecord], list[int]]:
+    """Concatenate per-source record lists; returns the records and the per-source sizes (index ranges in order)."""
+    records = [r for recs in sources for r in recs]
+    return records, [len(recs) for recs in sources]
+
+
+class TopDownPoseDataset(Dataset):
+    """Person crops for a top-down pose network.
+
+    ``__getitem__`` reads the image, decodes the instance mask only when the pipeline uses one, runs
+    ``pipeline(sample, rng)`` on the sample dict (``img`` (H, W, 3) RGB uint8, ``bbox`` (4,) xyxy,
+    ``keypoints`` (21, 2), ``keypoints_visible`` (21,) = min(1, v), ``mask`` (H, W) uint8 or ``None``,
+    ``bbox_score``) and returns tensors:
+
+    * ``img``: (3, 256, 192) float32 normalised with :data:`IMAGE_MEAN` / :data:`IMAGE_STD`
+      (``normalize=False``: the uint8 crop as (3, 256, 192) uint8);
+    * ``heatmaps`` (21, 64, 48) and ``keypoint_weights`` (21,) when the pipeline (or ``codec``) produces them;
+    * metadata: ``bbox_center``, ``bbox_scale`` (2,) of the crop, ``bbox`` (4,) the record's box,
+      ``keypoints_gt`` (21, 3) ground truth in image pixels (for PCK), ``image_id``, ``instance_id``, ``bbox_score``,
+      ``idx``, ``image_size`` (2,) (H, W) and ``source`` (a string).
+
+    Augmentation randomness comes from ``np.random.default_rng([seed, epoch, index])``: reproducible, different
+    every epoch (:meth:`set_epoch`) and independent of worker scheduling.
+
+    Args:
+        records: the people, e.g. a concatenation of sources (see :func:`concat_records`).
+        pipeline: ``pipeline(sample, rng) -> sample`` (``bmp_lightning.data.transforms.build_pose_pipeline``).
+        codec: encodes ``keypoints``/``keypoints_visible`` of the transformed sample into heatmaps when the
+            pipeline does not (anything with ``encode(keypoints, visible) -> (heatmaps, weights)``).
+        skip_bad_samples: on a missing/corrupt image or an unusable mask, log, count and return another sample
+            instead of raising :class:`BadSampleError`.
+        normalize: normalise the image here (else the model does it on the device).
+        seed: base seed of the augmentation RNG.
+        use_mask: decode instance masks; default: the pipeline's ``use_mask``/``needs_mask`` attribute.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[PersonRecord],
+        pipeline: Pipeline | None,
+        codec: Any = None,
+        skip_bad_samples: bool = False,
+        normalize: bool = True,
+        seed: int = 0,
+        use_mask: bool | None = None,
+        max_substitutions: int = 50,
+    ) -> None:
+        self.records = list(records)
+        self.pipeline = pipeline
+        self.codec = codec
+        self.skip_bad_samples = skip_bad_samples
+        self.normalize = normalize
+        self.seed = int(seed)
+        if use_mask is None:
+            use_mask = bool(getattr(pipeline, "use_mask", getattr(pipeline, "needs_mask", False)))
+        self.use_mask = use_mask
+        self.max_substitutions = max_substitutions
+        # shared memory: DataLoader workers (persistent ones too) see set_epoch() of the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.num_skipped = 0
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def load_sample(self, index: int) -> dict[str, Any]:
+        """The sample dict the pipeline receives (full image, nothing transformed yet)."""
+        rec = self.records[index]
+        img = read_image(rec.image_path, where=rec.where())
+        h, w = img.shape[:2]
+        if rec.image_size is not None and tuple(rec.image_size) != (h, w):
+            raise BadSampleError(
+                f"{rec.where()}: image {rec.image_path} is {h}x{w} but the annotation says "
+                f"{rec.image_size[0]}x{rec.image_size[1]}"
+            )
+        mask = None
+        if self.use_mask and rec.has_mask:
+            try:
+                mask = rec.mask(h, w)
+            except (TypeError, ValueError, KeyError) as err:  # BadSampleError is a ValueError too
+                raise BadSampleError(f"{rec.where()}: cannot decode the segmentation: {err}") from err
+            if mask.shape != (h, w):
+                raise BadSampleError(f"{rec.where()}: mask is {mask.shape}, image {rec.image_path} is {(h, w)}")
+        kpts = rec.keypoints
+        return {
+            "img": img,
+            "bbox": rec.bbox.astype(np.float32).copy(),
+            "keypoints": kpts[:, :2].astype(np.float32).copy(),
+            "keypoints_visible": np.minimum(1.0, kpts[:, 2]).astype(np.float32),
+            "mask": mask,
+            "bbox_score": float(rec.bbox_score),
+            "image_id": rec.image_id,
+            "instance_id": rec.instance_id,
+            "source": rec.source,
+            "ori_shape": (h, w),
+            "where": rec.where(),  # for the pipeline's error messages
+            "image_path": rec.image_path,
+        }
+
+    def _prepare(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        sample = self.load_sample(index)
+        image_hw = sample["ori_shape"]
+        if self.pipeline is not None:
+            sample = self.pipeline(sample, self.rng(index))
+        if "heatmaps" not in sample and self.codec is not None:
+            sample["heatmaps"], sample["keypoint_weights"] = self.codec.encode(
+                sample["keypoints"], sample["keypoints_visible"]
+            )
+        img = sample["img"]
+        out: dict[str, Any] = {
+            "img": normalize_image(img)
+            if self.normalize
+            else torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        }
+        for key in ("heatmaps", "keypoint_weights"):
+            if key in sample:
+                out[key] = torch.as_tensor(np.asarray(sample[key], np.float32))
+        center = sample.get("bbox_center")
+        scale = sample.get("bbox_scale")
+        if center is None or scale is None:  # a pipeline without a crop: describe the record's box
+            x1, y1, x2, y2 = rec.bbox
+            center, scale = ((x1 + x2) / 2, (y1 + y2) / 2), (x2 - x1, y2 - y1)
+        out["bbox_center"] = torch.as_tensor(np.asarray(center, np.float32).reshape(2))
+        out["bbox_scale"] = torch.as_tensor(np.asarray(scale, np.float32).reshape(2))
+        out["bbox"] = torch.from_numpy(rec.bbox.astype(np.float32))
+        out["keypoints_gt"] = torch.from_numpy(rec.keypoints.astype(np.float32))
+        out["image_id"] = torch.tensor(rec.image_id, dtype=torch.int64)
+        out["instance_id"] = torch.tensor(rec.instance_id, dtype=torch.int64)
+        out["bbox_score"] = torch.tensor(rec.bbox_score, dtype=torch.float32)
+        out["image_size"] = torch.tensor(image_hw, dtype=torch.int64)
+        out["idx"] = torch.tensor(index, dtype=torch.int64)
+        out["source"] = rec.source
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not self.skip_bad_samples:
+            return self._prepare(index)
+        tried = index
+        for attempt in range(self.max_substitutions + 1):
+            if tried not in self._bad:
+                try:
+                    return self._prepare(tried)
+                except BadSampleError as err:
+                    self._bad.add(tried)
+                    self.num_skipped += 1
+                    log.warning("skipping bad sample #%d (%d so far in this process): %s", tried, self.num_skipped, err)
+            # a deterministic substitute: the same replacement for the same (seed, epoch, index, attempt)
+            tried = int(np.random.default_rng([self.seed, self.epoch, index, attempt]).integers(len(self)))
+        raise BadSampleError(f"no usable sample found after {self.max_substitutions} substitutions for index {index}")
