@@ -7,7 +7,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bmp_lightning.utils.run import (
     atomic_write_json,
@@ -27,6 +27,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    if "net" in cfg.model:  # lets PoseEstimator.from_checkpoint rebuild the network from a .ckpt
+        model.net_config = OmegaConf.to_container(cfg.model.net, resolve=True)
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

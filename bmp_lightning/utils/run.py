@@ -113,3 +113,21 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
         raise KeyError(f"optimized_metric '{name}' was not logged; logged: {sorted(metrics)}")
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save through a temporary file + rename (no half-written weights file)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

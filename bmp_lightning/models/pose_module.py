@@ -1,0 +1,169 @@
+"""PoseLitModule: top-down heatmap pose estimation (ViTPose-B multi-dataset and MaskPose-B).
+
+MaskPose is this same module: the mask enters only through the data pipeline (MaskBackground), so the module just
+records ``use_mask`` for the inference API and the visualiser.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
+from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
+from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups
+
+log = logging.getLogger(__name__)
+
+
+class PoseLitModule(L.LightningModule):
+    """Train / validate a top-down heatmap network.
+
+    Args:
+        net: ``(B,3,256,192) -> (B,K,64,48)`` heatmap network (e.g. ``pose_net.vitpose_b``).
+        lr: AdamW base lr (5e-4 for batch 64 per device).
+        weight_decay: AdamW weight decay (0.1); none on 1-D params, biases, pos_embed.
+        layer_decay: layer-wise lr decay rate over ``num_layers`` ids (0.75 over 14 for ViT-B).
+        warmup_iters: linear warm-up iterations from factor ``warmup_factor``.
+        milestones: epochs where the lr is multiplied by ``gamma``.
+        flip_test: average with the mirrored, channel-swapped heatmaps of the flipped crop at validation.
+        use_mask: MaskPose (the data pipeline dims the background by the instance mask).
+        init_weights: weights to start from (ours or an official MMPose ``.pth``); ``ckpt_path`` resumes instead.
+        score_thr: keypoint score threshold for the COCO instance score (0.2 upstream).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 5e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        layer_decay: float = 0.75,
+        num_layers: int | None = None,
+        warmup_iters: int = 500,
+        warmup_factor: float = 0.001,
+        milestones: tuple[int, ...] = (170, 200),
+        gamma: float = 0.1,
+        flip_test: bool = True,
+        use_mask: bool = False,
+        init_weights: str | None = None,
+        input_size: tuple[int, int] = (192, 256),
+        heatmap_size: tuple[int, int] = (48, 64),
+        sigma: float = 2.0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+        self.codec = UDPHeatmap(input_size=tuple(input_size), heatmap_size=tuple(heatmap_size), sigma=sigma)
+        if init_weights:
+            from bmp_lightning.interop.pose_weights import load_pose_weights
+
+            load_pose_weights(self.net, init_weights)
+        self._val_preds: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
+        self.net_config: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.net(img)
+
+    @property
+    def num_keypoints(self) -> int:
+        return int(self.net.num_keypoints) if hasattr(self.net, "num_keypoints") else NUM_KEYPOINTS
+
+    def flip_indices(self) -> list[int]:
+        return list(FLIP_INDICES[: self.num_keypoints])
+
+    @torch.no_grad()
+    def predict_heatmaps(self, img: torch.Tensor, flip_test: bool | None = None) -> torch.Tensor:
+        """Heatmaps, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no shift)."""
+        flip_test = self.hparams.flip_test if flip_test is None else flip_test
+        if not flip_test:
+            return self.net(img)
+        both = self.net(torch.cat([img, img.flip(-1)], 0))
+        hm, hm_flip = both.chunk(2, 0)
+        return 0.5 * (hm + flip_heatmaps(hm_flip, self.flip_indices()))
+
+    @torch.no_grad()
+    def decode(
+        self, heatmaps: torch.Tensor, center: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heatmaps -> keypoints (B,K,2) in image pixels and scores (B,K) (DARK-UDP)."""
+        kpts, scores = self.codec.decode(heatmaps.float())
+        kpts = keypoints_to_image(kpts, center.to(kpts), scale.to(kpts), self.codec.input_size)
+        return kpts, scores
+
+    # ------------------------------------------------------------------ train
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        heatmaps = self.net(batch["img"])
+        loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=heatmaps.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_preds = defaultdict(list)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        heatmaps = self.predict_heatmaps(batch["img"])
+        if "heatmaps" in batch:
+            loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
+            self.log("val/loss", loss, add_dataloader_idx=False, batch_size=heatmaps.shape[0], sync_dist=True)
+        kpts, scores = self.decode(heatmaps, batch["bbox_center"], batch["bbox_scale"])
+        kpts, scores = kpts.cpu().numpy(), scores.cpu().numpy()
+        center = batch["bbox_center"].cpu().numpy()
+        scale = batch["bbox_scale"].cpu().numpy()
+        gt = batch["keypoints_gt"].cpu().numpy() if "keypoints_gt" in batch else None
+        for i in range(kpts.shape[0]):
+            pred = {
+                "image_id": int(batch["image_id"][i]),
+                "instance_id": int(batch["instance_id"][i]),
+                "keypoints": kpts[i],
+                "keypoint_scores": scores[i],
+                "bbox_score": float(batch["bbox_score"][i]),
+                "area": float(np.prod(scale[i])),
+                "bbox_center": center[i],
+                "bbox_scale": scale[i],
+            }
+            if gt is not None:
+                pred["keypoints_gt"] = gt[i]
+            self._val_preds[dataloader_idx].append(pred)
+
+    def on_validation_epoch_end(self) -> None:
+        from bmp_lightning.models.pose_eval import evaluate_val_sets
+
+        metrics = evaluate_val_sets(self, self._val_preds)
+        for name, value in metrics.items():
+            self.log(name, value, add_dataloader_idx=False, sync_dist=False, rank_zero_only=False)
+        self._val_preds = defaultdict(list)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["net_config"] = self.net_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.net_config = checkpoint.get("net_config", self.net_config)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = layer_decay_param_groups(
+            self.net, base_lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay, num_layers=hp.num_layers
+        )
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs)))
+        scheduler = build_warmup_multistep(
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            warmup_iters=hp.warmup_iters,
+            warmup_factor=hp.warmup_factor,
+            milestones=tuple(hp.milestones),
+            gamma=hp.gamma,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
