@@ -1,0 +1,85 @@
+"""Exclusive masks, mask-out (contours vs pixels) and box NMS (bmp_reference §5 steps 1, 4, 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out
+
+
+def _rect(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_exclusive_masks_overlap_goes_to_higher_score():
+    a = _rect(10, 10, 0, 6, 0, 6)
+    b = _rect(10, 10, 3, 9, 3, 9)
+    out = exclusive_masks(np.stack([a, b]), np.array([0.5, 0.9]))
+    overlap = a & b
+    assert overlap.sum() == 9
+    assert not out[0][overlap].any() and out[1][overlap].all()
+    np.testing.assert_array_equal(out[0], a & ~b)
+    np.testing.assert_array_equal(out[1], b)
+    assert not (out[0] & out[1]).any()
+    # uncovered pixels stay empty
+    assert not out[:, ~(a | b)].any()
+
+
+def test_exclusive_masks_ties_and_scores_below_zero():
+    a = _rect(4, 4, 0, 4, 0, 2)
+    b = _rect(4, 4, 0, 4, 1, 4)
+    out = exclusive_masks(np.stack([a, b]), np.array([0.7, 0.7]))
+    assert out[0][:, 1].all() and not out[1][:, 1].any()  # tie -> first mask
+    # A pixel covered by a single mask goes to it whatever its score (no argmax over non-covering masks).
+    out = exclusive_masks(np.stack([a, b]), np.array([-1.0, 0.0]))
+    np.testing.assert_array_equal(out[0], a & ~b)
+    np.testing.assert_array_equal(out[1], b)
+    assert exclusive_masks(np.zeros((0, 4, 4), bool), np.zeros(0)).shape == (0, 4, 4)
+
+
+def test_mask_out_contours_fill_holes_pixels_do_not():
+    img = np.full((40, 40, 3), 200, np.uint8)
+    ring = _rect(40, 40, 5, 25, 5, 25) & ~_rect(40, 40, 12, 18, 12, 18)  # 20x20 square with a 6x6 hole
+    out_c = mask_out(img, ring[None], mode="contours")
+    out_p = mask_out(img, ring[None], mode="pixels")
+    assert (out_c[5:25, 5:25] == 0).all()  # hole painted too
+    assert (out_p[12:18, 12:18] == 200).all()  # hole kept
+    assert (out_p[ring] == 0).all()
+    assert (out_c[~_rect(40, 40, 5, 25, 5, 25)] == 200).all() and (out_p[~ring] == 200).all()
+    assert (img == 200).all()  # input untouched
+
+
+def test_mask_out_small_contours_skipped():
+    img = np.full((40, 40, 3), 200, np.uint8)
+    # 8x8 block: contour through pixel centres is a 7x7 square, area 49 < 50 -> skipped; 9x9 -> 64 -> painted.
+    small = _rect(40, 40, 2, 10, 2, 10)
+    big = _rect(40, 40, 20, 29, 20, 29)
+    out = mask_out(img, np.stack([small | big]), mode="contours", min_area=50)
+    assert (out[small] == 200).all()
+    assert (out[big] == 0).all()
+    out = mask_out(img, np.stack([small]), mode="pixels")
+    assert (out[small] == 0).all()
+    out = mask_out(img, np.stack([small]), mode="contours", min_area=10, fill=(1, 2, 3))
+    assert (out[small] == [1, 2, 3]).all()
+
+
+def test_box_nms_plus_one_and_threshold():
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [100, 100, 110, 110]], float)
+    scores = np.array([0.9, 0.8, 0.7])
+    # IoU: continuous 50/150 = 0.333; "+1": 66/(121+121-66) = 0.375
+    assert box_nms(boxes, scores, iou=0.35, plus_one=False).tolist() == [0, 1, 2]
+    assert box_nms(boxes, scores, iou=0.35, plus_one=True).tolist() == [0, 2]
+    # overlap equal to the threshold is kept (suppress only IoU > thr)
+    assert box_nms(boxes, scores, iou=50 / 150, plus_one=False).tolist() == [0, 1, 2]
+    # visiting order is by score
+    assert box_nms(boxes, np.array([0.1, 0.8, 0.7]), iou=0.3, plus_one=True).tolist() == [1, 2]
+    assert box_nms(np.zeros((0, 4)), np.zeros(0)).size == 0
+
+
+@pytest.mark.parametrize("mode", ["bad"])
+def test_mask_out_bad_mode(mode):
+    with pytest.raises(ValueError, match="contours"):
+        mask_out(np.zeros((4, 4, 3), np.uint8), np.ones((1, 4, 4), bool), mode=mode)
