@@ -314,10 +314,11 @@ class PoseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if not self.train_sources:
+            raise RuntimeError("no train_sources configured in this data config (an evaluation-only config?)")
         if self.train_dataset is None:
-            self.setup("fit")
-        if self.train_dataset is None:
-            raise RuntimeError("no train_sources configured")
+            self._maybe_generate()
+            self._read_train()
         self._check_lightning_sampler()
         sampler = self.train_batch_sampler()
         sampler.add_epoch_callback(self.train_dataset.set_epoch)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -195,3 +196,34 @@ def test_train_yaml_wires_mask_from_model(sample_data_dir: Path):
         assert cfg.data.use_mask is True and list(cfg.data.input_size) == [192, 256]
         cfg = compose("train.yaml", overrides=["data=sample", "model=vitpose_b"])
         assert cfg.data.use_mask is False
+
+
+@pytest.mark.parametrize("name", ["multi", "coco", "ochuman"])
+def test_real_dataset_configs_point_at_upstream_files(tmp_path: Path, name: str):
+    """Without the datasets, instantiation works and setup names the first missing file."""
+    import hydra
+
+    from bmp_lightning.data.records import BadSampleError
+
+    cfg = _compose([f"+data={name}", f"paths.data_dir={tmp_path}"])
+    dm = hydra.utils.instantiate(cfg.data)
+    expected_val = {
+        "multi": ["coco", "ochuman"],
+        "coco": ["coco"],
+        "ochuman": ["ochuman", "ochuman_test"],
+    }[name]
+    assert dm.val_set_names == expected_val
+    assert dm.val_ann_files[0].startswith(str(tmp_path))
+    if name == "multi":
+        assert dm.train_source_names == ["coco", "mpii", "aic"]
+        assert [s["reader"] for s in dm.train_sources] == ["coco", "mpii", "coco"]
+        assert dm.val_cfgs[0]["bbox_file"] == "coco/detections/rtmdet-l-ins-mask.json"
+        assert dm.val_cfgs[0]["bbox_score_thr"] == 0.3 and "bbox_file" not in dm.val_cfgs[1]
+        assert dm.batch_size == 64 and dm.val_batch_size == 128 and dm.skip_bad_samples is False
+    stage = "validate" if name == "ochuman" else "fit"
+    first = dm.val_ann_files[0] if name == "ochuman" else str(tmp_path / dm.train_sources[0]["ann_file"])
+    with pytest.raises(BadSampleError, match=re.escape(f"annotation file not found: {first}")):
+        dm.setup(stage)
+    if name == "ochuman":
+        with pytest.raises(RuntimeError, match="no train_sources"):
+            dm.train_dataloader()

@@ -98,3 +98,35 @@ def test_bad_configs():
     # a zero ratio may point at an empty source
     s = MultiSourceBatchSampler([10, 0], batch_size=4, source_ratio=[1, 0], num_replicas=1, rank=0)
     assert all(i < 10 for b in s for i in b)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        s = MultiSourceBatchSampler([40, 20], batch_size=6, source_ratio=[2, 1], seed=1)  # rank/world from dist
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"len": len(s), "batches": list(s)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_reads_rank_from_torch_distributed(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert res[0]["len"] == res[1]["len"] == math.ceil(30 / 6) == 5
+    flat = [[i for b in r["batches"] for i in b] for r in res]
+    # 5 batches x (4 of source 0 + 2 of source 1) per rank: 40 + 20 draws in all = one permutation per source
+    assert not set(flat[0]) & set(flat[1]) and sorted(flat[0] + flat[1]) == list(range(60))
