@@ -145,7 +145,6 @@ class PoseDataModule(L.LightningDataModule):
         self.synthetic = dict(_plain(synthetic)) if synthetic else None
 
         self.train_dataset: TopDownPoseDataset | None = None
-        self.train_records: list[PersonRecord] = []
         self.train_source_sizes: list[int] = []
         self.val_sets_info: list[ValSet] = []
 
@@ -166,6 +165,11 @@ class PoseDataModule(L.LightningDataModule):
         cfg.setdefault("reader", "coco")
         cfg.setdefault("ratio", 1.0)
         return cfg
+
+    @property
+    def train_records(self) -> Sequence[PersonRecord]:
+        """The concatenated training records (source ``i`` occupies the ``i``-th block of ``train_source_sizes``)."""
+        return self.train_dataset.records if self.train_dataset is not None else []
 
     @property
     def train_source_names(self) -> list[str]:
@@ -234,10 +238,11 @@ class PoseDataModule(L.LightningDataModule):
             if not recs and float(s["ratio"]) > 0:
                 raise ValueError(f"train source {s['name']!r} has no usable instances ({self._path(s['ann_file'])})")
             per_source.append(recs)
-        self.train_records, self.train_source_sizes = concat_records(per_source)
+        records, self.train_source_sizes = concat_records(per_source)
+        del per_source  # the dataset keeps them serialised: no per-object Python state for forked workers to copy
         log.info("train sources %s", dict(zip(self.train_source_names, self.train_source_sizes)))
         self.train_dataset = TopDownPoseDataset(
-            self.train_records,
+            records,
             self.pipeline(train=True),
             skip_bad_samples=self.skip_bad_samples,
             normalize=self.normalize,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import pickle
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,33 @@ def normalize_image(img: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)
     return (t - mean) / std
+
+
+class SerializedList:
+    """A read-only list stored as one pickled byte buffer (numpy) plus offsets.
+
+    DataLoader workers are forked; touching millions of Python objects (even just their reference counts or the
+    garbage collector's headers) copies the parent's memory pages into every worker. One numpy buffer has no such
+    per-object state, so a 500k-person dataset costs its bytes once (MMEngine's ``serialize_data`` idea).
+    """
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        blobs = [pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL) for x in items]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> Any:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i = i % len(self)
+        start = int(self._ends[i - 1]) if i > 0 else 0
+        return pickle.loads(self._data[start : int(self._ends[i])].tobytes())
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[i] for i in range(len(self)))
 
 
 def concat_records(sources: Sequence[Sequence[PersonRecord]]) -> tuple[list[PersonRecord], list[int]]:
@@ -64,6 +92,8 @@ class TopDownPoseDataset(Dataset):
         normalize: normalise the image here (else the model does it on the device).
         seed: base seed of the augmentation RNG.
         use_mask: decode instance masks; default: the pipeline's ``use_mask``/``needs_mask`` attribute.
+        max_substitutions: how many replacement indices to try for one bad sample.
+        serialize: keep the records in one byte buffer (:class:`SerializedList`) instead of a Python list.
     """
 
     def __init__(
@@ -76,8 +106,9 @@ class TopDownPoseDataset(Dataset):
         seed: int = 0,
         use_mask: bool | None = None,
         max_substitutions: int = 50,
+        serialize: bool = True,
     ) -> None:
-        self.records = list(records)
+        self.records: Sequence[PersonRecord] = SerializedList(records) if serialize else list(records)
         self.pipeline = pipeline
         self.codec = codec
         self.skip_bad_samples = skip_bad_samples
@@ -105,9 +136,9 @@ class TopDownPoseDataset(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def load_sample(self, index: int) -> dict[str, Any]:
+    def load_sample(self, index: int, rec: PersonRecord | None = None) -> dict[str, Any]:
         """The sample dict the pipeline receives (full image, nothing transformed yet)."""
-        rec = self.records[index]
+        rec = self.records[index] if rec is None else rec
         img = read_image(rec.image_path, where=rec.where())
         h, w = img.shape[:2]
         if rec.image_size is not None and tuple(rec.image_size) != (h, w):
@@ -141,7 +172,7 @@ class TopDownPoseDataset(Dataset):
 
     def _prepare(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        sample = self.load_sample(index)
+        sample = self.load_sample(index, rec)
         image_hw = sample["ori_shape"]
         if self.pipeline is not None:
             sample = self.pipeline(sample, self.rng(index))

@@ -227,3 +227,17 @@ def test_real_dataset_configs_point_at_upstream_files(tmp_path: Path, name: str)
     if name == "ochuman":
         with pytest.raises(RuntimeError, match="no train_sources"):
             dm.train_dataloader()
+
+
+def test_serialized_records_round_trip(coco_records):
+    from bmp_lightning.data.datasets import SerializedList
+
+    sl = SerializedList(coco_records)
+    assert len(sl) == 12
+    for a, b in zip(sl, coco_records):
+        assert a.instance_id == b.instance_id and a.segmentation == b.segmentation
+        np.testing.assert_array_equal(a.keypoints, b.keypoints)
+        np.testing.assert_array_equal(a.bbox, b.bbox)
+    assert sl[-1].instance_id == coco_records[-1].instance_id
+    with pytest.raises(IndexError):
+        sl[12]
