@@ -64,7 +64,7 @@ class Sam2Segmenter:
         max_hole_area / max_sprinkle_area: default low-res clean-up areas (``predict`` can override them).
         antialias: antialiased downscaling to the model resolution (torchvision's tensor ``Resize`` default since
             0.17; the torchvision 0.16 pinned by BBoxMaskPose v1.1 did not antialias tensors).
-        chunk: people decoded per batch (bounds the memory of full-resolution logits).
+        chunk: people upsampled to full resolution at once (bounds the memory of full-resolution logits).
     """
 
     def __init__(
@@ -210,24 +210,24 @@ class Sam2Segmenter:
                 continue
             groups.setdefault((p, has_box), []).append(i)
 
-        for (p, has_box), members in groups.items():
-            for start in range(0, len(members), self.chunk):
-                idx = members[start : start + self.chunk]
-                kwargs: dict[str, torch.Tensor] = {}
-                if p > 0:
-                    pts = np.stack([np.asarray(points[i], np.float32).reshape(-1, 2) * scale for i in idx])
-                    lab = np.stack([np.asarray(labels[i]).reshape(-1) for i in idx]).astype(np.int64)
-                    kwargs["input_points"] = torch.from_numpy(pts)[None].to(self.device)
-                    kwargs["input_labels"] = torch.from_numpy(lab)[None].to(self.device)
-                if has_box:
-                    bx = np.stack([np.asarray(boxes[i], np.float32).reshape(2, 2) * scale for i in idx])
-                    kwargs["input_boxes"] = torch.from_numpy(bx.reshape(len(idx), 4))[None].to(self.device)
-                out = self.model(image_embeddings=self._embeddings, multimask_output=False, **kwargs)
-                logits = out.pred_masks[0, :, 0].float()  # (n_g, 256, 256)
-                iou = out.iou_scores[0, :, 0].float()
-                if hole > 0 or sprinkle > 0:
-                    logits = torch.from_numpy(clean_mask_logits(logits.cpu().numpy(), hole, sprinkle)).to(self.device)
-                full = F.interpolate(logits[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-                masks[idx] = (full > 0).cpu().numpy()
-                scores[idx] = iou.cpu().numpy()
+        for (p, has_box), idx in groups.items():
+            kwargs: dict[str, torch.Tensor] = {}
+            if p > 0:
+                pts = np.stack([np.asarray(points[i], np.float32).reshape(-1, 2) * scale for i in idx])
+                lab = np.stack([np.asarray(labels[i]).reshape(-1) for i in idx]).astype(np.int64)
+                kwargs["input_points"] = torch.from_numpy(pts)[None].to(self.device)
+                kwargs["input_labels"] = torch.from_numpy(lab)[None].to(self.device)
+            if has_box:
+                bx = np.stack([np.asarray(boxes[i], np.float32).reshape(2, 2) * scale for i in idx])
+                kwargs["input_boxes"] = torch.from_numpy(bx.reshape(len(idx), 4))[None].to(self.device)
+            out = self.model(image_embeddings=self._embeddings, multimask_output=False, **kwargs)
+            logits = out.pred_masks[0, :, 0].float()  # (n_g, 256, 256) low-res logits
+            scores[idx] = out.iou_scores[0, :, 0].float().cpu().numpy()
+            if hole > 0 or sprinkle > 0:
+                logits = torch.from_numpy(clean_mask_logits(logits.cpu().numpy(), hole, sprinkle)).to(self.device)
+            # Upsample in chunks: full-resolution float logits of 40 people would be large.
+            for start in range(0, len(idx), self.chunk):
+                part = logits[start : start + self.chunk, None]
+                full = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+                masks[idx[start : start + self.chunk]] = (full > 0).cpu().numpy()
         return masks, scores

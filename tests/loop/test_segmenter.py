@@ -102,3 +102,17 @@ def test_clean_mask_logits_holes_and_sprinkles():
     np.testing.assert_array_equal(clean_mask_logits(logits, 0, 0), logits)
     kept = clean_mask_logits(logits, max_hole_area=8, max_sprinkle_area=3)
     np.testing.assert_array_equal(kept, logits)
+
+
+def test_chunked_upsampling_and_box_prompts(image):
+    a, b = Sam2Segmenter.tiny_random(seed=2), Sam2Segmenter.tiny_random(seed=2, chunk=1)
+    a.set_image(image)
+    b.set_image(image)
+    pts = [PTS[0], PTS[0] + 5, PTS[0] + 10]
+    labs = [LABELS[0]] * 3
+    np.testing.assert_array_equal(a.predict(pts, labs)[0], b.predict(pts, labs)[0])
+    boxes = np.array([[5.0, 5.0, 40.0, 30.0]] * 3)
+    masks, scores = a.predict(pts, labs, boxes=boxes)
+    assert masks.shape == (3, 60, 70) and np.isfinite(scores).all()
+    box_only, _ = a.predict([np.zeros((0, 2))], [np.zeros(0)], boxes=boxes[:1])
+    assert box_only.shape == (1, 60, 70)
