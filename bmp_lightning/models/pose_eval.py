@@ -13,13 +13,22 @@ from bmp_lightning.metrics.gather import deduplicate, gather_predictions
 
 log = logging.getLogger(__name__)
 
+# evaluated with COCO keypoint AP against their ground-truth json
+COCO_STYLE = ("coco", "ochuman", "crowdpose", "synthetic")
+
 
 def _val_specs(module: Any) -> list[dict[str, Any]]:
+    """One spec per val dataloader: name, ann_file and the metric (COCO AP for COCO-format sets, else PCK)."""
     dm = getattr(module.trainer, "datamodule", None)
-    specs = getattr(dm, "val_set_specs", None) if dm is not None else None
-    if specs is None:
+    infos = getattr(dm, "val_sets_info", None) if dm is not None else None
+    if not infos:
         return [{"name": "val", "metric": "pck"}]
-    return [dict(s) for s in specs]
+    specs = []
+    for info in infos:
+        dataset = getattr(info, "source", "coco")
+        metric = "coco" if dataset in COCO_STYLE and getattr(info, "ann_file", None) else "pck"
+        specs.append({"name": info.name, "ann_file": info.ann_file, "dataset": dataset, "metric": metric})
+    return specs
 
 
 def _pck_metrics(preds: list[dict[str, Any]], thr: float = 0.2) -> dict[str, float]:
@@ -33,7 +42,7 @@ def _pck_metrics(preds: list[dict[str, Any]], thr: float = 0.2) -> dict[str, flo
     gt = np.stack([p["keypoints_gt"] for p in preds])
     norm = np.stack([np.max(p["bbox_scale"]) / 1.25 for p in preds])
     result = pck(pred, gt[..., :2], gt[..., 2] > 0, norm, thr)
-    return {"PCK": float(result["PCK"] if isinstance(result, dict) else result)}
+    return {"PCK": float(result.mean)}
 
 
 def evaluate_val_sets(module: Any, preds_by_loader: dict[int, list[dict[str, Any]]]) -> dict[str, float]:
