@@ -1,0 +1,201 @@
+"""RTMDet-Ins inference API: RGB images in, boxes / scores / labels / masks in original pixels out.
+
+    det = Detector.from_checkpoint("rtmdet-ins_l_8xb32-300e_coco.pth")   # MMDetection, ours, or a Lightning .ckpt
+    results = det(["a.jpg", rgb_array])                                   # one dict per image
+
+Test-time preprocessing follows MMDetection (``mm_architectures.md`` B1): keep-ratio resize to fit 640x640
+(cv2 bilinear, new size ``int(x * f + 0.5)``), pad bottom/right with 114, RGB -> BGR, normalise with the BGR
+mean/std. Post-processing is ``rtmdet.postprocess`` (B6).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from bmp_lightning.data.io import as_rgb_array
+from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet, is_mmdet_rtmdet_checkpoint
+from bmp_lightning.models.components.rtmdet.postprocess import postprocess
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, build_rtmdet_ins, infer_rtmdet_ins_config
+
+log = logging.getLogger(__name__)
+
+MEAN_BGR = (103.53, 116.28, 123.675)
+STD_BGR = (57.375, 57.12, 58.395)
+PAD_VALUE = 114
+
+ImageLike = np.ndarray | str | os.PathLike
+
+
+def resize_pad(
+    image: np.ndarray, size: int = 640, pad_value: int = PAD_VALUE
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Keep-ratio resize of an ``(H, W, 3)`` uint8 image to fit ``size x size``, padded bottom/right.
+
+    Returns:
+        the ``(size, size, 3)`` canvas and ``(w_scale, h_scale)`` = ``(new_w / W, new_h / H)``.
+    """
+    h, w = image.shape[:2]
+    f = min(size / h, size / w)
+    new_w, new_h = int(w * f + 0.5), int(h * f + 0.5)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((size, size, 3), pad_value, dtype=np.uint8)
+    canvas[:new_h, :new_w] = resized
+    return canvas, (new_w / w, new_h / h)
+
+
+def _load_file(path: str | Path) -> Any:
+    try:
+        from bmp_lightning.interop.checkpoint import safe_load
+    except ImportError:  # pragma: no cover - fallback while interop.checkpoint is absent
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path, placeholders=True)
+
+
+def rtmdet_state_dict(checkpoint: Mapping[str, Any], num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Our ``RTMDetIns`` state dict from any supported checkpoint layout.
+
+    Accepts a bare state dict with our keys, a Lightning checkpoint (``state_dict`` with a ``model.``-like prefix;
+    an EMA copy, i.e. a prefix containing ``ema``, is preferred), or MMDetection weights (detected by their
+    ``bbox_head.`` keys, converted by :func:`~bmp_lightning.interop.mmdet.convert_mmdet_rtmdet`).
+    ``num_classes`` smaller than the checkpoint's keeps the first classes (person = 0 on COCO).
+    """
+    sd = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(sd, Mapping):
+        raise ValueError("checkpoint has no state dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    anchor = "backbone.stem.0.conv.weight"
+    prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
+    if not prefixes:
+        raise ValueError(f"not an RTMDet checkpoint: no '*{anchor}' key among {len(sd)} tensors")
+    ema = [p for p in prefixes if "ema" in p.lower()]
+    prefix = ema[0] if ema else min(prefixes, key=len)
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if is_mmdet_rtmdet_checkpoint(sd):
+        return convert_mmdet_rtmdet(sd, num_classes)
+    have = int(sd["head.rtm_cls.0.weight"].shape[0])
+    if num_classes is not None and num_classes < have:
+        sd = {k: (v[:num_classes] if k.startswith("head.rtm_cls.") else v) for k, v in sd.items()}
+    return sd
+
+
+class Detector:
+    """Batched RTMDet-Ins inference on RGB uint8 images.
+
+    Args:
+        model: an ``RTMDetIns`` (put in eval mode and moved to ``device``).
+        device: torch device.
+        score_thr, nms_iou, max_per_img, nms_pre, mask_thr: test config (MMDetection defaults).
+        input_size: square network input side.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: RTMDetIns,
+        device: str | torch.device = "cpu",
+        score_thr: float = 0.05,
+        nms_iou: float = 0.6,
+        max_per_img: int = 100,
+        nms_pre: int = 1000,
+        mask_thr: float = 0.5,
+        input_size: int = 640,
+        batch_size: int = 4,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.score_thr = score_thr
+        self.nms_iou = nms_iou
+        self.max_per_img = max_per_img
+        self.nms_pre = nms_pre
+        self.mask_thr = mask_thr
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self._mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(STD_BGR, device=self.device).view(1, 3, 1, 1)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        num_classes: int | None = None,
+        score_thr: float = 0.05,
+        nms_iou: float = 0.6,
+        max_per_img: int = 100,
+        **kwargs: Any,
+    ) -> Detector:
+        """Build the network that matches the weights (size and class count are read from them) and load them.
+
+        ``path`` may be our weights, a Lightning ``.ckpt`` or an official MMDetection ``.pth`` (auto-detected).
+        ``num_classes`` below the checkpoint's keeps its first classes (``1`` = person on a COCO model).
+        """
+        ckpt = _load_file(path)
+        if not isinstance(ckpt, Mapping):
+            raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+        sd = rtmdet_state_dict(ckpt, num_classes)
+        cfg = infer_rtmdet_ins_config(sd)
+        if num_classes is not None and num_classes != cfg["num_classes"]:
+            raise ValueError(f"{path}: has {cfg['num_classes']} classes, cannot provide {num_classes}")
+        model = build_rtmdet_ins(**cfg)
+        model.load_state_dict(sd, strict=True)
+        log.info("loaded RTMDet-Ins (%d classes) from %s", cfg["num_classes"], path)
+        return cls(model, device, score_thr, nms_iou, max_per_img, **kwargs)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+        """RGB uint8 images -> ``(B, 3, S, S)`` normalised BGR batch and per-image ``(w_scale, h_scale)``."""
+        canvases, scales = [], []
+        for img in images:
+            canvas, scale = resize_pad(img, self.input_size)
+            canvases.append(canvas[..., ::-1])  # RGB -> BGR: the network was trained on BGR
+            scales.append(scale)
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(canvases))).to(self.device)
+        batch = batch.permute(0, 3, 1, 2).float()
+        return (batch - self._mean) / self._std, scales
+
+    @torch.inference_mode()
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> list[dict[str, np.ndarray]]:
+        """Detect on one image or a list (RGB uint8 ``(H, W, 3)`` arrays or file paths).
+
+        Returns:
+            one dict per image: ``bboxes (N, 4)`` float32 xyxy original pixels, ``scores (N,)`` float32,
+            ``labels (N,)`` int64, ``masks (N, H, W)`` bool, sorted by score.
+        """
+        if isinstance(images, (np.ndarray, str, os.PathLike)):
+            images = [images]
+        arrays = [as_rgb_array(im) for im in images]
+        results: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(arrays), self.batch_size):
+            chunk = arrays[start : start + self.batch_size]
+            x, scales = self.preprocess(chunk)
+            out = self.model(x)
+            dets = postprocess(
+                out,
+                tuple(x.shape[-2:]),
+                [im.shape[:2] for im in chunk],
+                scales,
+                strides=self.model.strides,
+                mask_stride=self.model.strides[0],
+                score_thr=self.score_thr,
+                nms_pre=self.nms_pre,
+                nms_iou=self.nms_iou,
+                max_per_img=self.max_per_img,
+                mask_thr=self.mask_thr,
+            )
+            for d in dets:
+                results.append(
+                    {
+                        "bboxes": d["bboxes"].float().cpu().numpy(),
+                        "scores": d["scores"].float().cpu().numpy(),
+                        "labels": d["labels"].long().cpu().numpy(),
+                        "masks": d["masks"].cpu().numpy(),
+                    }
+                )
+        return results
