@@ -245,3 +245,15 @@ def test_tiny_model_outputs_and_aliasing():
         "stage_blocks": [1, 1, 1, 1],
         "channel_attention": True,
     }
+
+
+def test_tiny_model_trains_through_shared_tower():
+    model = rtmdet_ins_tiny(1).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    # Only level 2's regression output: the gradient must reach the level-0 conv (shared) and level 2's own BN.
+    out["bbox_preds"][2].sum().backward()
+    head = model.head
+    assert head.cls_convs[0][0].conv.weight.grad.abs().sum() > 0
+    assert head.cls_convs[2][0].bn.weight.grad.abs().sum() > 0
+    assert head.cls_convs[0][0].bn.weight.grad is None
+    assert head.kernel_convs[2][0].conv.weight.grad is None
