@@ -14,6 +14,10 @@ MMDetection 3.x (``mm_architectures.md`` B1, B8): keep-ratio resize with ``int(x
 images / nearest masks, crop offsets uniform in ``[0, margin]``, boxes recomputed from cropped masks with the
 ``+1`` max edge, bottom/right padding.
 
+Difference from upstream, on purpose: masks travel as bitmaps (nearest-neighbour resize), whereas upstream loads
+polygons (``poly2mask=False``), transforms their coordinates and rasterises at the end; recomputed boxes here are
+tight pixel boxes (``+1`` max edge) rather than polygon extents, i.e. up to about a pixel larger.
+
 ``RemoveRandomInstances`` is our documented reconstruction of BMP's unpublished "mask-out" augmentation
 (``bmp_reference.md`` §4, ``DESIGN.md`` §5).
 """
