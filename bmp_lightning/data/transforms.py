@@ -171,6 +171,11 @@ class Compose:
             sample = t(sample, rng)
         return sample
 
+    @property
+    def needs_mask(self) -> bool:
+        """True when a transform reads the instance mask (so datasets decode it)."""
+        return any(isinstance(t, MaskBackground) for t in self.transforms)
+
     def __repr__(self) -> str:
         return "Compose(\n  " + ",\n  ".join(repr(t) for t in self.transforms) + "\n)"
 

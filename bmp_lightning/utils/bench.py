@@ -40,12 +40,15 @@ def bench_data(n_samples: int = 200) -> None:
     pipeline = build_pose_pipeline(train=True, use_mask=True)
     ds = TopDownPoseDataset(records, pipeline)
     ds[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as inside a DataLoader worker
     t = time.perf_counter()
     for i in range(n_samples):
         ds[i % len(ds)]
     dt = time.perf_counter() - t
     print(f"MaskPose train pipeline (real COCO samples, 1 worker): {n_samples / dt:.1f} samples/s")
 
+    torch.set_num_threads(threads)
     codec = UDPHeatmap()
     hm = torch.rand(1024, 21, 64, 48)
     sec = _timeit(lambda: codec.decode(hm))
