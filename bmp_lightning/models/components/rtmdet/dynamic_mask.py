@@ -90,7 +90,8 @@ def dynamic_mask_logits(
     w2 = parts[2].reshape(b, n, 1, dyconv_channels)
     b0, b1, b2 = (t[..., None, None] for t in parts[3:])
 
-    rel = relative_coords(priors.to(mask_feat.dtype), h, w, mask_stride)  # (B, N, 2, h, w)
+    # Coordinates in fp32 (pixel positions up to ~1000 lose too much in half precision), then the kernels' dtype.
+    rel = relative_coords(priors.float(), h, w, mask_stride).to(kernels.dtype)  # (B, N, 2, h, w)
     # First layer split in its coordinate and prototype parts, so the prototypes are not copied per instance.
     x = torch.einsum("bnoc,bnchw->bnohw", w0[..., :2], rel)
     x = x + torch.einsum("bnoc,bchw->bnohw", w0[..., 2:], mask_feat) + b0
