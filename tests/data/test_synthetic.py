@@ -341,8 +341,15 @@ def test_cli(tmp_path, capsys):
     assert "person_keypoints_train.json" in out and "mpii_val.json" in out
     assert len(list(paths["images_train"].glob("*.jpg"))) == 2 and len(list(paths["images_val"].glob("*.jpg"))) == 1
     assert cv2.imread(str(next(paths["images_val"].glob("*.jpg")))).shape == (128, 160, 3)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="out=DIR"):
         main(["n_images=3"])
+    with pytest.raises(SystemExit, match="bogus"):
+        main([f"out={tmp_path / 'bad'}", "bogus=1"])
+    paths = main([f"out={tmp_path / 'hr'}", "n_images=1", "n_val=0", "height_range=0.3,0.5", "max_people=2"])
+    heights = [
+        a["amodal_bbox_xyxy"][3] - a["amodal_bbox_xyxy"][1] for a in _load(paths["keypoints21_train"])["annotations"]
+    ]
+    assert 0 < len(heights) <= 2 and max(heights) <= 0.5 * H * 1.1
 
 
 def test_bad_arguments(tmp_path):

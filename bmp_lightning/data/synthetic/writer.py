@@ -15,6 +15,7 @@ are the tight boxes of the *visible* masks (as COCO's); the MPII box is a square
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -277,7 +278,7 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             pass
     if "," in text or text.startswith(("[", "(")):
-        return tuple(int(v) for v in text.strip("[]()").split(",") if v.strip())
+        return tuple(_parse_value(v.strip()) for v in text.strip("[]()").split(",") if v.strip())
     return text
 
 
@@ -298,6 +299,14 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         kwargs[key.lstrip("-").replace("-", "_")] = _parse_value(value)
     if "out" not in kwargs:
         raise SystemExit("missing out=DIR")
+    known = (set(inspect.signature(generate).parameters) | set(inspect.signature(sample_scene).parameters)) - {
+        "out_dir",
+        "scene_kwargs",
+        "rng",
+    }
+    unknown = sorted(set(kwargs) - known - {"out"})
+    if unknown:
+        raise SystemExit(f"unknown argument(s) {unknown}; known: out, {', '.join(sorted(known))}")
     out = kwargs.pop("out")
     kwargs.setdefault("n_images", 32)
     t0 = time.perf_counter()
