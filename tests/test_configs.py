@@ -1,0 +1,138 @@
+"""Every experiment under conf/experiment composes with train.yaml and builds; the paper recipes carry their values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PAPER = ("vitpose_b", "maskpose_b")
+
+
+def _compose(experiment: str, tmp_path: Path, config: str = "train.yaml", extra: tuple[str, ...] = ()) -> DictConfig:
+    """The job config as the entry point sees it (``hydra:`` interpolations resolvable, no ``hydra`` node)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config,
+            return_hydra_config=True,
+            overrides=[
+                f"experiment={experiment}",
+                f"paths.data_dir={tmp_path / 'data'}",
+                f"paths.output_dir={tmp_path / 'out'}",
+                f"paths.root_dir={tmp_path}",
+                f"hydra.runtime.output_dir={tmp_path / 'out'}",
+                *extra,
+            ],
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def test_paper_experiments_exist():
+    assert set(PAPER) <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_builds(experiment: str, tmp_path: Path):
+    """Resolve the whole config (no missing interpolation) and build the data module and the network."""
+    import hydra
+
+    cfg = _compose(experiment, tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.experiment_name
+    if cfg.get("data") is not None and "_target_" in cfg.data:
+        dm = hydra.utils.instantiate(cfg.data)  # reads no file until setup
+        assert dm.batch_size == cfg.data.batch_size
+    model_cfg = cfg.get("model")
+    if model_cfg is not None and "net" in model_cfg:
+        net = hydra.utils.instantiate(model_cfg.net)  # ViT-B: ~0.5 s; weights files are not read here
+        assert sum(p.numel() for p in net.parameters()) > 0
+        if "_target_" in model_cfg:
+            # the LightningModule itself, without the (absent, offline) init weights
+            model = hydra.utils.instantiate(model_cfg, net=net, init_weights=None)
+            assert model.net is net
+
+
+@pytest.mark.parametrize("experiment", PAPER)
+def test_paper_recipe(experiment: str, tmp_path: Path):
+    """BBoxMaskPose's recipe (reference/bmp_reference.md 2): the numbers a re-run must use."""
+    from bmp_lightning.data.samplers import per_source_counts
+
+    cfg = _compose(experiment, tmp_path)
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    assert m._target_ == "bmp_lightning.models.pose_module.PoseLitModule"
+    assert m.net._target_.rsplit(".", 1)[-1] in ("vitpose_b", "maskpose_b")  # the same network
+    assert m.net.num_keypoints == 21 and m.net.drop_path_rate == 0.3
+    assert (m.lr, m.weight_decay, tuple(m.betas)) == (5e-4, 0.1, (0.9, 0.999))
+    assert (m.layer_decay, m.num_layers) == (0.75, 14)
+    assert (m.warmup_iters, m.warmup_factor, list(m.milestones), m.gamma) == (500, 0.001, [170, 200], 0.1)
+    assert m.flip_test is True and list(m.input_size) == [192, 256] and list(m.heatmap_size) == [48, 64]
+    assert m.sigma == 2.0
+    assert (t.max_epochs, t.check_val_every_n_epoch, t.devices, t.strategy) == (210, 5, 4, "ddp")
+    assert (t.gradient_clip_val, t.gradient_clip_algorithm, t.use_distributed_sampler) == (1.0, "norm", False)
+    assert d.batch_size == 64 and d.val_batch_size == 128 and d.photometric is False
+    assert [s.name for s in d.train_sources] == ["coco", "mpii", "aic"]
+    assert per_source_counts(d.batch_size, [s.ratio for s in d.train_sources]) == [22, 21, 21]
+    assert [v.name for v in d.val_sets] == ["coco", "ochuman"]
+    assert d.val_sets[0].bbox_file.endswith("rtmdet-l-ins-mask.json") and d.val_sets[0].bbox_score_thr == 0.3
+    assert cfg.optimized_metric == "val/coco/AP" and cfg.callbacks.model_checkpoint.monitor == "val/coco/AP"
+    assert cfg.logger.wandb.group == experiment
+    if experiment == "vitpose_b":
+        assert m.init_weights == "mae" and m.use_mask is False and d.use_mask is False
+    else:
+        assert m.init_weights == str(tmp_path / "weights" / "ViTPose-b-multi_mmpose20.pth")
+        assert m.use_mask is True and d.use_mask is True and d.mask_perturb is True and d.mask_alpha == 0.2
+    # the composed data module gets the batch composition from the sampler
+    import hydra
+
+    dm = hydra.utils.instantiate(d)
+    dm.train_source_sizes = [1000, 500, 2000]  # what setup() would read from the annotation files
+    sampler = dm.train_batch_sampler()
+    assert sampler.batch_size == 64 and sampler.counts == [22, 21, 21]
+    batch = next(iter(sampler))
+    per_source = [sum(lo <= i < hi for i in batch) for lo, hi in ((0, 1000), (1000, 1500), (1500, 3500))]
+    assert per_source == [22, 21, 21]
+
+
+def test_paper_layer_decay_on_vit_b(tmp_path: Path):
+    """The composed ViTPose-B module's optimizer groups: head x1, last block x0.75, patch embedding x0.75^13."""
+    import hydra
+
+    from bmp_lightning.models.optim import layer_decay_param_groups
+
+    cfg = _compose("vitpose_b", tmp_path)
+    net = hydra.utils.instantiate(cfg.model.net)
+    groups = layer_decay_param_groups(
+        net, base_lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, layer_decay=0.75, num_layers=14
+    )
+    by_name = {}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            by_name[names[id(p)]] = g
+    lr = cfg.model.lr
+    assert by_name["head.final_layer.weight"]["lr"] == pytest.approx(lr)
+    assert by_name["backbone.blocks.11.attn.qkv.weight"]["lr"] == pytest.approx(lr * 0.75)
+    assert by_name["backbone.patch_embed.proj.weight"]["lr"] == pytest.approx(lr * 0.75**13)
+    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.0
+    assert by_name["backbone.blocks.0.norm1.weight"]["weight_decay"] == 0.0
+    assert by_name["backbone.blocks.0.mlp.fc1.weight"]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("experiment", ["eval_maskpose_b_official", "eval_vitpose_b_official"])
+def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_path: Path):
+    if experiment not in EXPERIMENTS:
+        pytest.skip(f"{experiment} not in conf/experiment")
+    cfg = _compose(experiment, tmp_path, config="eval.yaml")
+    OmegaConf.resolve(cfg)
+    assert cfg.ckpt_path is None and cfg.model.init_weights.startswith(str(tmp_path / "weights"))
+    assert cfg.model.use_mask == cfg.data.use_mask == ("maskpose" in experiment)
+    assert [v.name for v in cfg.data.val_sets] == ["coco", "ochuman"]
