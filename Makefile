@@ -44,6 +44,9 @@ format: install ## ruff autofix + format
 bench-data: install ## data pipeline throughput (samples/s per worker, decoder instances/s)
 	$(PY) -m bmp_lightning.utils.bench data
 
+bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA
+	$(PY) -m bmp_lightning.utils.bench pose
+
 clean: ## remove caches and build files (keeps .venv and logs)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -54,4 +57,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data clean clean-logs clean-all
+.PHONY: help install test test-full test-gpu lint format bench-data bench-pose clean clean-logs clean-all
