@@ -47,6 +47,9 @@ bench-data: install ## data pipeline throughput (samples/s per worker, decoder i
 bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA
 	$(PY) -m bmp_lightning.utils.bench pose
 
+demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detector (trained first if absent) -> logs/demo/smoke
+	$(PY) -m bmp_lightning.loop.smoke_demo $(DEMO_ARGS)
+
 clean: ## remove caches and build files (keeps .venv and logs)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -57,4 +60,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data bench-pose clean clean-logs clean-all
+.PHONY: help install test test-full test-gpu lint format bench-data bench-pose demo clean clean-logs clean-all

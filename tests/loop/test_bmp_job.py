@@ -239,3 +239,23 @@ def test_job_needs_models(tmp_path, synthetic_root):
     cfg = compose_bmp(["data=synthetic", f"data.root={synthetic_root}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="detector=<checkpoint>"):
         bmp_eval.run_bmp_evaluation(cfg)
+
+
+def test_job_on_the_real_coco_samples(tmp_path, shared_dir, tiny_ckpts):
+    run = tmp_path / "run"
+    cfg = compose_bmp([
+        "data=sample_coco", f"paths.shared_dir={shared_dir}", f"detector={tiny_ckpts['detector']}",
+        f"pose={tiny_ckpts['pose']}", "sam=tiny_random", "detector_opts.input_size=320", f"paths.output_dir={run}",
+        "num_vis=0", "~logger", "eval.det_score=instance", "eval.box_from_mask=true",
+    ])  # fmt: skip
+    metrics = bmp_eval.run_bmp_evaluation(cfg)
+    gt_file = shared_dir / "data" / "coco" / "test_coco.json"
+    assert json.loads((run / "results" / "info.json").read_text())["images"] == 4
+    for k in (1, 2):
+        again = rescore_run(run, gt_file, "coco_sample", k)
+        assert again == pytest.approx({m: metrics[m] for m in again}, abs=1e-12)
+        boxes = json.loads((run / "results" / f"iter{k}.bbox.json").read_text())
+        kps = json.loads((run / "results" / f"iter{k}.keypoints.json").read_text())
+        assert {b["image_id"] for b in boxes} == {785, 40083, 196141, 197388}
+        # eval.det_score=instance: box results are ranked by the keypoint instance score
+        assert sorted(b["score"] for b in boxes) == pytest.approx(sorted(e["score"] for e in kps))
