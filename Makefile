@@ -47,6 +47,9 @@ bench-data: install ## data pipeline throughput (samples/s per worker, decoder i
 bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA
 	$(PY) -m bmp_lightning.utils.bench pose
 
+bench-loop: install ## BMP loop latency per image: detector / pose / SAM per iteration, tiny and full-size models (CPU)
+	$(PY) -m bmp_lightning.utils.bench loop
+
 demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detector (trained first if absent) -> logs/demo/smoke
 	$(PY) -m bmp_lightning.loop.smoke_demo $(DEMO_ARGS)
 
@@ -60,4 +63,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data bench-pose demo clean clean-logs clean-all
+.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop demo clean clean-logs clean-all
