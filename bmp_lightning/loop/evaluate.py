@@ -311,7 +311,7 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
 
 
 def _log_metrics(cfg: DictConfig, metrics: dict[str, float], num_iters: int, loggers: list[Any]) -> None:
-    """Hyper-parameters once, then each iteration's metrics at step ``k`` (timings at step 0)."""
+    """Hyper-parameters once, then each iteration's metrics at step ``k`` (timings with the last iteration)."""
     if not loggers:
         return
     try:
@@ -321,8 +321,10 @@ def _log_metrics(cfg: DictConfig, metrics: dict[str, float], num_iters: int, log
     for lg in loggers:
         lg.log_hyperparams(hp)
         for k in range(1, num_iters + 1):
-            lg.log_metrics({m: v for m, v in metrics.items() if m.startswith(f"bmp/iter{k}/")}, step=k)
-        lg.log_metrics({m: v for m, v in metrics.items() if m.startswith("bmp/time/")}, step=0)
+            step = {m: v for m, v in metrics.items() if m.startswith(f"bmp/iter{k}/")}
+            if k == num_iters:
+                step.update({m: v for m, v in metrics.items() if m.startswith("bmp/time/")})
+            lg.log_metrics(step, step=k)
         lg.save()
         lg.finalize("success")
 
