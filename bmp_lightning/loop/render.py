@@ -33,6 +33,8 @@ def draw_prompts(image: np.ndarray, prompts: np.ndarray, color: tuple[int, int, 
     """SAM positive prompt points ``(P, 2|3)``: a white-ringed dot in the person's colour, numbered in prompt order."""
     out = image.copy()
     pts = np.asarray(prompts, np.float64)
+    if pts.size == 0:
+        return out
     for i, p in enumerate(pts.reshape(len(pts), -1)):
         x, y = int(round(float(p[0]))), int(round(float(p[1])))
         cv2.circle(out, (x, y), 4, (255, 255, 255), -1, cv2.LINE_AA)

@@ -97,3 +97,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
         list_images(tmp_path)
     with pytest.raises(ValueError, match="input="):
         list_images(None)
+
+
+def test_render_edge_cases():
+    from bmp_lightning.loop.bmp import BMPResult, IterationSnapshot
+    from bmp_lightning.loop.render import draw_prompts, iteration_figure, iteration_frames
+
+    img = np.full((40, 60, 3), 100, np.uint8)
+    np.testing.assert_array_equal(draw_prompts(img, np.zeros((0, 3)), (255, 0, 0)), img)  # a person without prompts
+    drawn = draw_prompts(img, np.array([[20.0, 10.0, 0.9]]), (255, 0, 0))
+    assert tuple(drawn[10, 20]) == (255, 0, 0) and tuple(drawn[10, 30]) == (100, 100, 100)
+    assert drawn[10, 24].min() > 150  # the dot's light ring
+    empty = np.zeros(0, np.int64)
+    snap = IterationSnapshot(1, np.zeros((0, 4)), np.zeros(0), empty, empty, [], {}, skipped="no detections")
+    result = BMPResult(persons=[], iterations=[snap], image_size=(40, 60))
+    assert iteration_figure(img, result).shape == (56, 124, 3)  # [detector input | people], 16 px title bars
+    (frame,) = iteration_frames(img, result)
+    np.testing.assert_array_equal(frame[16:], img)
