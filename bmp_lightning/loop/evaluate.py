@@ -182,6 +182,17 @@ def person_category(gt: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the job
+def apply_torch_threads(threads: int | None) -> None:
+    """``torch_threads`` of a job config: intra-op threads (``None`` keeps torch's default)."""
+    if threads is None:
+        return
+    import torch
+
+    if int(threads) < 1:
+        raise ValueError(f"torch_threads must be >= 1 or null, got {threads}")
+    torch.set_num_threads(int(threads))
+
+
 def resolve_device(device: str | None) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``."""
     import torch
@@ -231,6 +242,7 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
     from bmp_lightning.loop.render import iteration_figure, save_png
     from bmp_lightning.utils.run import atomic_write_json, instantiate_dict
 
+    apply_torch_threads(cfg.get("torch_threads"))
     out_dir = Path(cfg.paths.output_dir)
     results_dir, vis_dir = out_dir / "results", out_dir / "vis"
     split = split_from_config(cfg.data)

@@ -98,10 +98,11 @@ def run_demo(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Returns the per-image summaries (also in ``summary.json``).
     """
-    from bmp_lightning.loop.evaluate import build_loop_from_config
+    from bmp_lightning.loop.evaluate import apply_torch_threads, build_loop_from_config
     from bmp_lightning.loop.render import iteration_figure, iteration_frames, save_gif, save_png
     from bmp_lightning.utils.run import atomic_write_json
 
+    apply_torch_threads(cfg.get("torch_threads"))
     files = list_images(cfg.get("input"))
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
