@@ -114,3 +114,16 @@ def test_render_edge_cases():
     assert iteration_figure(img, result).shape == (56, 124, 3)  # [detector input | people], 16 px title bars
     (frame,) = iteration_frames(img, result)
     np.testing.assert_array_equal(frame[16:], img)
+
+
+def test_make_demo_model_lookup(tmp_path, caplog):
+    from bmp_lightning.loop.smoke_demo import SMOKE_DIR, sam_in_cache, smoke_checkpoint
+
+    # no smoke config in this root: a clear warning and the tiny random fallback (None), no training started
+    assert smoke_checkpoint("det", root=tmp_path) is None
+    assert "rtmdet_smoke.yaml does not exist yet" in caplog.text
+    ckpt = tmp_path / SMOKE_DIR / "pose" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    assert smoke_checkpoint("pose", root=tmp_path) == ckpt  # an existing checkpoint is reused as is
+    assert sam_in_cache(str(tmp_path)) and not sam_in_cache("nobody/no-such-sam-model")
