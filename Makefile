@@ -53,6 +53,9 @@ bench-loop: install ## BMP loop latency per image: detector / pose / SAM per ite
 demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detector (trained first if absent) -> logs/demo/smoke
 	$(PY) -m bmp_lightning.loop.smoke_demo $(DEMO_ARGS)
 
+smoke: install ## train tiny MaskPose on generated synthetic data, CPU, < 5 min (logs/train/smoke/<time>: W&B offline, CSV, vis/); SMOKE_ARGS=... adds overrides
+	$(PY) -m bmp_lightning.train experiment=smoke $(SMOKE_ARGS)
+
 clean: ## remove caches and build files (keeps .venv and logs)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -63,4 +66,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop demo clean clean-logs clean-all
+.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop demo smoke clean clean-logs clean-all

@@ -13,7 +13,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from bmp_lightning.utils.run import atomic_write_json, instantiate_dict, resolve_ckpt_path, task_wrapper
+from bmp_lightning.utils.run import (
+    atomic_write_json,
+    instantiate_dict,
+    resolve_ckpt_path,
+    set_torch_threads,
+    task_wrapper,
+)
 
 log = logging.getLogger("bmp_lightning.eval")
 
@@ -22,6 +28,7 @@ log = logging.getLogger("bmp_lightning.eval")
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("ckpt_path") is None and not cfg.model.get("init_weights"):
         log.warning("neither ckpt_path nor model.init_weights given: evaluating a randomly initialised model")
+    set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

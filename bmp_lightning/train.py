@@ -15,6 +15,7 @@ from bmp_lightning.utils.run import (
     log_hyperparameters,
     metric_value,
     resolve_ckpt_path,
+    set_torch_threads,
     task_wrapper,
 )
 
@@ -23,6 +24,7 @@ log = logging.getLogger("bmp_lightning.train")
 
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

@@ -41,3 +41,17 @@ def _few_threads():
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture(scope="session")
+def synthetic_pose_data_dir(tmp_path_factory) -> Path:
+    """A `paths.data_dir` holding the smoke experiment's synthetic dataset (16 images, generated once per session).
+
+    `experiment=smoke` reads `${paths.data_dir}/synthetic_smoke`; the 4 val images hold 17 people (odd: a 2-process
+    validation pads one duplicate).
+    """
+    from bmp_lightning.data.synthetic import generate
+
+    data_dir = tmp_path_factory.mktemp("pose_data")
+    generate(data_dir / "synthetic_smoke", n_images=16, seed=0, val_fraction=0.25)
+    return data_dir

@@ -22,6 +22,19 @@ from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param
 log = logging.getLogger(__name__)
 
 
+def _plain_containers(obj: Any) -> Any:
+    """OmegaConf containers (anywhere inside dicts/lists/tuples) -> plain dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {k: _plain_containers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain_containers(v) for v in obj)
+    return obj
+
+
 class PoseLitModule(L.LightningModule):
     """Train / validate a top-down heatmap network.
 
@@ -146,6 +159,10 @@ class PoseLitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["net_config"] = self.net_config
+        # Hydra passes ListConfig/DictConfig arguments; plain containers keep the checkpoint loadable with
+        # torch.load(weights_only=True), which Lightning uses to resume (ckpt_path)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = _plain_containers(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
