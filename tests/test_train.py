@@ -316,6 +316,9 @@ def test_atomic_checkpoint_io_keeps_old_file_on_failure(tmp_path: Path, monkeypa
     path = tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "w": torch.arange(4)}, path)
     assert _ckpt_step(path) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "the usual file mode, not mkstemp's 0600"
 
     def broken_save(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
