@@ -286,7 +286,6 @@ def test_ddp_sim_validation_equals_single_process(
     assert _predictions(tmp_path / "ddp_sim") == _predictions(tmp_path / "cpu")
 
 
-@pytest.mark.slow
 def test_ddp_sim_fit(synthetic_pose_data_dir: Path, tmp_path: Path) -> None:
     from bmp_lightning.train import train
 
