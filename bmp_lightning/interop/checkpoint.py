@@ -62,8 +62,17 @@ def _numpy_globals() -> list[Any]:
     return items
 
 
-def _placeholder_globals(path: Path) -> list[Any]:
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+def _global_name(obj: Any) -> str:
+    if isinstance(obj, tuple):
+        return obj[1]
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
+
+
+def _placeholder_globals(path: Path, allowed: list[Any]) -> list[Any]:
+    # Names already allowlisted (numpy arrays/dtypes) must not get a placeholder too: torch keeps the allowlist in a
+    # set, so which of two entries with one name wins would change from process to process.
+    known = {_global_name(a) for a in allowed}
+    names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if n not in known]
     return [(type(name.rsplit(".", 1)[-1], (UnknownObject,), {"qualname": name}), name) for name in names]
 
 
@@ -88,7 +97,7 @@ def safe_load(path: str | Path, *, allow_numpy: bool = True, placeholders: bool 
     extra: list[Any] = _numpy_globals() if allow_numpy else []
     if placeholders:
         try:
-            extra += _placeholder_globals(path)
+            extra += _placeholder_globals(path, extra)
         except Exception as err:  # e.g. a legacy (non-zip) file that cannot be scanned: load without placeholders
             log.debug("%s: cannot list its globals (%s)", path, err)
     return _load_or_explain(path, extra)

@@ -26,8 +26,10 @@ def read_pose_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """
     obj = safe_load(path, placeholders=True)
     meta: dict[str, Any] = {}
-    if isinstance(obj, dict) and "pytorch-lightning_version" in obj or (
-        isinstance(obj, dict) and any(str(k).startswith("net.") for k in obj.get("state_dict", {}))
+    if (
+        isinstance(obj, dict)
+        and "pytorch-lightning_version" in obj
+        or (isinstance(obj, dict) and any(str(k).startswith("net.") for k in obj.get("state_dict", {})))
     ):
         hp = obj.get("hyper_parameters", {}) or {}
         meta.update(source="lightning", use_mask=hp.get("use_mask"), net_config=obj.get("net_config"))
@@ -74,7 +76,8 @@ def infer_net_kwargs(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return dict(
         embed_dim=embed_dim,
         depth=depth,
-        num_heads=max(1, embed_dim // 64) if embed_dim % 64 == 0 else max(1, embed_dim // 32),
+        # not stored in the weights: MMPose's ViT-S/B/L/H presets, else 64-dim heads
+        num_heads={384: 12, 768: 12, 1024: 16, 1280: 16}.get(embed_dim, max(1, embed_dim // 64)),
         deconv_channels=tuple(deconv),
         num_keypoints=num_keypoints,
         img_size=img_size,
@@ -106,6 +109,4 @@ def export_pose_weights(net: nn.Module, path: str | os.PathLike, net_config: dic
     """Write a plain weights file (tensors + json-like meta only, loadable with ``weights_only=True``)."""
     from bmp_lightning.utils.run import atomic_torch_save
 
-    atomic_torch_save(
-        {"state_dict": net.state_dict(), "net_config": net_config, "use_mask": bool(use_mask)}, path
-    )
+    atomic_torch_save({"state_dict": net.state_dict(), "net_config": net_config, "use_mask": bool(use_mask)}, path)
