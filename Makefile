@@ -50,6 +50,9 @@ bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16
 bench-loop: install ## BMP loop latency per image: detector / pose / SAM per iteration, tiny and full-size models (CPU)
 	$(PY) -m bmp_lightning.utils.bench loop
 
+bench-det: install ## RTMDet-Ins Detector s/img at 640 (L and tiny, random weights) + tiny train step on CPU; L on CUDA
+	$(PY) -m bmp_lightning.utils.bench det
+
 demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detector (trained first if absent) -> logs/demo/smoke
 	$(PY) -m bmp_lightning.loop.smoke_demo $(DEMO_ARGS)
 
@@ -66,4 +69,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop demo smoke clean clean-logs clean-all
+.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
