@@ -59,6 +59,20 @@ demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detecto
 smoke: install ## train tiny MaskPose on generated synthetic data, CPU, < 5 min (logs/train/smoke/<time>: W&B offline, CSV, vis/); SMOKE_ARGS=... adds overrides
 	$(PY) -m bmp_lightning.train experiment=smoke $(SMOKE_ARGS)
 
+ARGS ?=
+
+train: install ## train: make train ARGS="experiment=maskpose_b trainer=ddp"
+	$(PY) -m bmp_lightning.train $(ARGS)
+
+sweep: install ## Hydra multirun: make sweep ARGS="experiment=smoke ablation=mask_alpha"
+	$(PY) -m bmp_lightning.train -m $(ARGS)
+
+eval: install ## evaluate a checkpoint: make eval ARGS="experiment=maskpose_b ckpt_path=..."
+	$(PY) -m bmp_lightning.eval $(ARGS)
+
+bmp: install ## the BMP loop evaluation job: make bmp ARGS="data=ochuman_val detector=... pose=..."
+	$(PY) -m bmp_lightning.bmp $(ARGS)
+
 clean: ## remove caches and build files (keeps .venv and logs)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -69,4 +83,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: help install test test-full test-gpu lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
+.PHONY: train sweep eval bmp help install test test-full test-gpu lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
