@@ -181,7 +181,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 def detector_overrides(epochs: int) -> list[str]:
     """``rtmdet_smoke`` rescaled to ``epochs``: stage 2 (no RemoveRandomInstances) for the last 5 epochs (the last
-    third below 15 epochs), constant lr for the first half then cosine."""
+    third below 15 epochs), constant lr for the first half then cosine, ``last.ckpt`` = the final epoch."""
     if epochs < 2:
         raise ValueError(f"the detector needs >= 2 epochs, got {epochs}")
     switch = epochs - 5 if epochs >= 15 else max(1, epochs - max(1, epochs // 3))
@@ -190,6 +190,8 @@ def detector_overrides(epochs: int) -> list[str]:
         f"callbacks.instseg_pipeline_switch.switch_epoch={switch}",
         f"model.cosine_begin_epoch={epochs // 2}",
         f"trainer.check_val_every_n_epoch={min(5, epochs)}",
+        # last.ckpt after every epoch: Lightning 2.6's model_checkpoint refreshes last.ckpt only with a new best
+        "callbacks.last_checkpoint.every_n_train_steps=16",
     ]
 
 
