@@ -8,7 +8,10 @@ import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# experiments of the BMP evaluation job (`python -m bmp_lightning.bmp +experiment=...`), not of train.yaml
+BMP_JOB_EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e.startswith("bmp_") and e.endswith("_eval")]
+EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in BMP_JOB_EXPERIMENTS]
 PAPER = ("vitpose_b", "maskpose_b")
 
 
@@ -136,3 +139,13 @@ def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_p
     assert cfg.ckpt_path is None and cfg.model.init_weights.startswith(str(tmp_path / "weights"))
     assert cfg.model.use_mask == cfg.data.use_mask == ("maskpose" in experiment)
     assert [v.name for v in cfg.data.val_sets] == ["coco", "ochuman"]
+
+
+@pytest.mark.parametrize("experiment", BMP_JOB_EXPERIMENTS)
+def test_bmp_job_experiments_compose_with_bmp_yaml(experiment: str, tmp_path: Path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        overrides = [f"+experiment={experiment}", f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}"]
+        cfg = compose("bmp.yaml", overrides=overrides)
+    assert cfg.task_name == "bmp" and cfg.loop.num_iters >= 2
