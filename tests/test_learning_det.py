@@ -89,7 +89,8 @@ def test_tiny_detector_learns_synthetic_crowds(tmp_path: Path) -> None:
 
     # the deployable checkpoint (EMA weights) through the inference API gives the same scores on the raw images
     last = out / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 30 * 16  # the final weights
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == int(ckpt["state_dict"]["ema_model.steps"]) == 30 * 16  # the final (EMA) weights
     det = Detector.from_checkpoint(last, input_size=256)
     evaluator = CocoDetectionEvaluator(dm.val_ann, ("bbox", "segm"), category_ids=dm.cat_ids, verbose=False)
     images = json.loads(Path(dm.val_ann).read_text())["images"]

@@ -249,10 +249,11 @@ class InstSegLitModule(L.LightningModule):
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # once per optimizer step (gradient accumulation runs several batches per step); ema.steps is checkpointed,
-        # so the comparison also holds after a resume
-        if self.ema_model is not None and self.trainer.global_step > int(self.ema_model.steps):
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then one EMA update (before any callback's ``on_train_batch_end``, so a checkpoint
+        written there holds the EMA of this very step)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema_model is not None:
             self.ema_model.update(self.model)
 
     # ------------------------------------------------------------------ validation

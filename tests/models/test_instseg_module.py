@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from bmp_lightning.data.instseg_datamodule import InstSegDataModule
@@ -190,12 +191,17 @@ def test_fit_validate_and_checkpoint(syn_root: Path, tmp_path: Path) -> None:
         max_epochs=2,
         accelerator="cpu",
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=5,
-        callbacks=[ValIntervalSwitch(switch_epoch=2, interval=1)],
+        callbacks=[
+            ValIntervalSwitch(switch_epoch=2, interval=1),
+            # a checkpoint written in on_train_batch_end: it must hold the EMA of that very step
+            ModelCheckpoint(
+                tmp_path / "steps", "s{step}", every_n_train_steps=1, save_top_k=-1, auto_insert_metric_name=False
+            ),
+        ],
         default_root_dir=str(tmp_path),
     )
     trainer.fit(model, dm)
@@ -213,6 +219,9 @@ def test_fit_validate_and_checkpoint(syn_root: Path, tmp_path: Path) -> None:
     lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
     assert lrs == pytest.approx([0.004 * rtmdet_lr_factor(2, 1, 2, 4, 1e-5, 1, 0.05)] * 2)
     assert trainer.optimizers[0].param_groups[1]["weight_decay"] == 0.0
+
+    step_ckpt = torch.load(tmp_path / "steps" / "s2.ckpt", map_location="cpu", weights_only=True)
+    assert step_ckpt["global_step"] == int(step_ckpt["state_dict"]["ema_model.steps"]) == 2
 
     ckpt = tmp_path / "run.ckpt"
     trainer.save_checkpoint(ckpt)
