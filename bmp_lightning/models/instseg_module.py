@@ -230,12 +230,11 @@ class InstSegLitModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        n = getattr(dm, "num_classes", None) if dm is not None else None
         try:
-            n = int(n) if n is not None else None
+            n = getattr(dm, "num_classes", None) if dm is not None else None
         except RuntimeError:  # classes='all' before the datamodule's setup
             n = None
-        if n is not None and n != self.num_classes:
+        if n is not None and int(n) != self.num_classes:
             raise ValueError(f"the datamodule has {n} classes but the detector has {self.num_classes}")
 
     # ------------------------------------------------------------------ train
