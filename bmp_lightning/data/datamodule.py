@@ -19,6 +19,7 @@ from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
 from bmp_lightning.data.readers import read_detections, read_source
 from bmp_lightning.data.records import PersonRecord
 from bmp_lightning.data.samplers import MultiSourceBatchSampler
+from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +35,6 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _plain(x: Any) -> Any:
-    """OmegaConf containers (what Hydra passes) -> plain dicts/lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        pass
-    return x
-
-
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 @dataclass
@@ -121,8 +106,8 @@ class PoseDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = os.fspath(root) if root else None
-        self.train_sources = [self._source_cfg(s, i) for i, s in enumerate(_plain(train_sources) or [])]
-        self.val_cfgs = [dict(v) for v in (_plain(val_sets) or [])]
+        self.train_sources = [self._source_cfg(s, i) for i, s in enumerate(to_plain(train_sources) or [])]
+        self.val_cfgs = [dict(v) for v in (to_plain(val_sets) or [])]
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size)
         self.num_workers = int(num_workers)
@@ -134,15 +119,15 @@ class PoseDataModule(L.LightningDataModule):
             "mask_alpha": float(mask_alpha),
             "mask_perturb": bool(mask_perturb),
             "photometric": bool(photometric),
-            "input_size": tuple(int(v) for v in _plain(input_size)),
-            "heatmap_size": tuple(int(v) for v in _plain(heatmap_size)),
+            "input_size": tuple(int(v) for v in to_plain(input_size)),
+            "heatmap_size": tuple(int(v) for v in to_plain(heatmap_size)),
             "sigma": float(sigma),
         }
         self.normalize = normalize
         self.shuffle = shuffle
         self.skip_bad_samples = bool(skip_bad_samples)
         self.seed = int(seed)
-        self.synthetic = dict(_plain(synthetic)) if synthetic else None
+        self.synthetic = dict(to_plain(synthetic)) if synthetic else None
 
         self.train_dataset: TopDownPoseDataset | None = None
         self.train_source_sizes: list[int] = []
@@ -339,7 +324,7 @@ class PoseDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_sets_info:
             self.setup("validate")
-        world, rank = _dist_world()
+        world, rank = dist_world()
         loaders = []
         for vs in self.val_sets_info:
             sampler = DistributedSampler(vs.dataset, world, rank, shuffle=False) if world > 1 else None

@@ -31,26 +31,11 @@ from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, 
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
 
 
-def _plain(x: Any) -> Any:
-    """OmegaConf containers (what Hydra passes) -> plain dicts/lists."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        pass
-    return x
-
-
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _valid_polygons(seg: Any) -> bool:
@@ -309,7 +294,7 @@ class EpochDistributedSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
-        world, rank = _dist_world()
+        world, rank = dist_world()
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
     def set_epoch(self, epoch: int) -> None:
@@ -381,7 +366,7 @@ class InstSegDataModule(L.LightningDataModule):
         self.root = os.fspath(root) if root else None
         self.train_ann, self.train_img_dir = self._path(train_ann), self._path(train_img_dir)
         self.val_ann, self.val_img_dir = self._path(val_ann), self._path(val_img_dir)
-        classes = _plain(classes)
+        classes = to_plain(classes)
         self.classes = classes if isinstance(classes, str) else list(classes)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
@@ -394,15 +379,15 @@ class InstSegDataModule(L.LightningDataModule):
             "input_size": self.input_size,
             "scale": int(train_scale),
             "stage2_scale": int(stage2_scale) if stage2_scale else None,
-            "ratio_range": tuple(float(v) for v in _plain(ratio_range)),
+            "ratio_range": tuple(float(v) for v in to_plain(ratio_range)),
             "remove_prob": float(remove_prob),
             "remove_fill": str(remove_fill),
             "remove_dilate": int(remove_dilate),
             "person_label": person_label,
-            "hsv": tuple(int(v) for v in _plain(hsv)),
+            "hsv": tuple(int(v) for v in to_plain(hsv)),
             "flip_prob": float(flip_prob),
             "pad_val": self.pad_val,
-            "min_gt_bbox_wh": tuple(float(v) for v in _plain(min_gt_bbox_wh)),
+            "min_gt_bbox_wh": tuple(float(v) for v in to_plain(min_gt_bbox_wh)),
         }
         self.filter_empty_gt = bool(filter_empty_gt)
         self.min_size = int(min_size)
@@ -411,7 +396,7 @@ class InstSegDataModule(L.LightningDataModule):
         self.skip_bad_samples = bool(skip_bad_samples)
         self.max_train_images = max_train_images
         self.max_val_images = max_val_images
-        self.synthetic = dict(_plain(synthetic)) if synthetic else None
+        self.synthetic = dict(to_plain(synthetic)) if synthetic else None
         self.train_dataset: InstSegDataset | None = None
         self.val_dataset: InstSegDataset | None = None
 

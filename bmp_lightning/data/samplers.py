@@ -18,8 +18,9 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from bmp_lightning.utils.common import dist_world
 
 
 def per_source_counts(batch_size: int, source_ratio: Sequence[float]) -> list[int]:
@@ -36,11 +37,9 @@ def per_source_counts(batch_size: int, source_ratio: Sequence[float]) -> list[in
 
 def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """Explicit values win; otherwise torch.distributed's when initialised, else a single process."""
-    initialised = dist.is_available() and dist.is_initialized()
-    if num_replicas is None:
-        num_replicas = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
+    world, current = dist_world()
+    num_replicas = world if num_replicas is None else num_replicas
+    rank = current if rank is None else rank
     if not 0 <= rank < num_replicas:
         raise ValueError(f"rank {rank} not in [0, {num_replicas})")
     return num_replicas, rank

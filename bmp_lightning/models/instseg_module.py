@@ -31,6 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion
 from bmp_lightning.models.ema import ExpMomentumEMA
+from bmp_lightning.utils.common import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,6 @@ def load_init_weights(net: nn.Module, path: str | os.PathLike, keep_classes: boo
     return list(missing)
 
 
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
-
-
 # ---------------------------------------------------------------------------------------------- module
 class InstSegLitModule(L.LightningModule):
     """Train / validate an RTMDet-Ins network.
@@ -189,8 +179,8 @@ class InstSegLitModule(L.LightningModule):
         val_name: str | None = None,
         criterion: dict[str, Any] | None = None,
     ) -> None:
-        betas = tuple(float(b) for b in _plain(betas))  # plain values in the checkpoint's hyper_parameters
-        criterion = dict(_plain(criterion)) if criterion else None
+        betas = tuple(float(b) for b in to_plain(betas))  # plain values in the checkpoint's hyper_parameters
+        criterion = dict(to_plain(criterion)) if criterion else None
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
         if num_classes is not None and int(num_classes) != int(net.num_classes):

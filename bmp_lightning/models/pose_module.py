@@ -18,21 +18,9 @@ from torch import nn
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
 from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
 from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups
+from bmp_lightning.utils.common import to_plain
 
 log = logging.getLogger(__name__)
-
-
-def _plain_containers(obj: Any) -> Any:
-    """OmegaConf containers (anywhere inside dicts/lists/tuples) -> plain dicts and lists."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, dict):
-        return {k: _plain_containers(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain_containers(v) for v in obj)
-    return obj
 
 
 class PoseLitModule(L.LightningModule):
@@ -162,7 +150,7 @@ class PoseLitModule(L.LightningModule):
         # Hydra passes ListConfig/DictConfig arguments; plain containers keep the checkpoint loadable with
         # torch.load(weights_only=True), which Lightning uses to resume (ckpt_path)
         if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = _plain_containers(checkpoint["hyper_parameters"])
+            checkpoint["hyper_parameters"] = to_plain(checkpoint["hyper_parameters"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
