@@ -82,10 +82,9 @@ def test_schedules_rescale():
 def test_virtuous_circle_iteration_2_beats_iteration_1(tmp_path):
     """Train both tiny models on CPU (detector 30 x 16 steps, MaskPose 16 x 35 steps: ~15 min on 2 busy cores; a
     10-epoch detector is too weak for the effect), run BMP on 24 held-out crowded scenes (5-9 people): iteration 2
-    finds people iteration 1 missed and box recall rises. Training is deterministic, so the figures of
-    experiments/bmp_synthetic/README.md repeat (box AR100 0.259 -> 0.282, recall@0.5 0.465 -> 0.535, 12 people found).
-    Pose AP does NOT rise with these tiny models (0.1021 -> 0.0995: iteration 2's duplicate boxes cost as much as the
-    new people add, see the README): checked only for no large drop."""
+    finds people iteration 1 missed, and pose AP, box AR100 and box recall are higher after 2 iterations than after 1.
+    Training is deterministic, so the figures of experiments/bmp_synthetic/README.md repeat (pose AP 0.1021 -> 0.1043,
+    recall@0.5 0.465 -> 0.516, 8 people found); the margins are small, so only the direction is asserted."""
     env = {**os.environ, "BMP_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "bmp_lightning.tools.virtuous_circle", "--out", str(tmp_path / "out"),
            "--det-epochs", "30", "--pose-epochs", "16"]  # fmt: skip
@@ -93,7 +92,8 @@ def test_virtuous_circle_iteration_2_beats_iteration_1(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     it1, it2 = s["iter1"], s["iter2"]
-    assert it2["pose_AP"] > it1["pose_AP"] - 0.01
+    assert it2["pose_AP"] > it1["pose_AP"]
+    assert it2["pose_AR"] >= it1["pose_AR"]
     assert it2["bbox_AR100"] > it1["bbox_AR100"]
     assert it2["recall50"] > it1["recall50"]
     assert s["people"]["new_matched"] >= 1

@@ -25,7 +25,7 @@ import numpy as np
 from bmp_lightning.data.io import as_rgb_array
 from bmp_lightning.data.keypoints import COCO_SIGMAS, NUM_COCO_KEYPOINTS
 from bmp_lightning.loop.config import LoopConfig, resolve_loop_config
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out
+from bmp_lightning.loop.masks import box_nms, exclusive_masks, painted_region
 from bmp_lightning.loop.pose_nms import pose_nms
 from bmp_lightning.loop.prompts import select_negative_prompts, select_prompt_keypoints
 
@@ -105,6 +105,8 @@ class IterationSnapshot:
         image: ``(H, W, 3)`` the detector's input (only with ``return_iterations=True``).
         det_masks: ``(D, H, W)`` detector masks (only with ``return_iterations=True``).
         skipped: why the iteration stopped early (``no detections``, ``no new instance``), else ``""``.
+        painted_dropped: detections dropped for lying on painted-out pixels (``loop.max_painted_overlap``); they are
+            not in ``det_bboxes``.
     """
 
     iteration: int
@@ -117,6 +119,7 @@ class IterationSnapshot:
     image: np.ndarray | None = None
     det_masks: np.ndarray | None = None
     skipped: str = ""
+    painted_dropped: int = 0
 
 
 @dataclass
@@ -326,6 +329,7 @@ class BMP:
         sam_image = np.ascontiguousarray(original[..., ::-1]) if cfg.sam_input_bgr else original
         persons: list[Person] = []
         det_image = original
+        painted: np.ndarray | None = None  # (H, W) bool area painted out of det_image
         snapshots: list[IterationSnapshot] = []
         state: dict[str, bool] = {}
         empty = np.zeros(0, np.int64)
@@ -334,6 +338,13 @@ class BMP:
             times = {"detector": 0.0, "pose": 0.0, "sam": 0.0}
             t_start = time.perf_counter()
             bboxes, scores, det_masks = self.detect(det_image)
+            dropped = 0
+            if painted is not None and det_masks is not None and cfg.max_painted_overlap < 1.0 and len(bboxes):
+                area = det_masks.sum(axis=(1, 2))
+                on_painted = (det_masks & painted[None]).sum(axis=(1, 2))
+                keep = on_painted <= cfg.max_painted_overlap * np.maximum(area, 1)
+                dropped = int((~keep).sum())
+                bboxes, scores, det_masks = bboxes[keep], scores[keep], det_masks[keep]
             times["detector"] = time.perf_counter() - t_start
             snap = IterationSnapshot(
                 iteration=it,
@@ -345,6 +356,7 @@ class BMP:
                 timings=times,
                 image=det_image if return_iterations else None,
                 det_masks=det_masks if return_iterations else None,
+                painted_dropped=dropped,
             )
             snapshots.append(snap)
             if len(bboxes) == 0:
@@ -395,9 +407,11 @@ class BMP:
             times["sam"] = time.perf_counter() - t0
 
             persons = (old_kept if cfg.remove_suppressed_old else persons) + new
-            det_image = mask_out(
-                original, np.stack([p.mask for p in persons]), cfg.maskout, cfg.maskout_min_area, fill=0
+            painted = painted_region(
+                np.stack([p.mask for p in persons]), (h, w), cfg.maskout, cfg.maskout_min_area, cfg.maskout_dilate
             )
+            det_image = original.copy()
+            det_image[painted] = 0  # black, as upstream
             snap.new_indices = np.asarray(keep_new, np.int64)
             snap.kept_old = np.asarray(keep_old, np.int64)
             snap.persons = list(persons)

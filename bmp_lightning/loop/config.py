@@ -42,6 +42,14 @@ class LoopConfig:
         sam_max_hole_area / sam_max_sprinkle_area: SAM 2 low-res mask clean-up (fill background holes, remove
             foreground specks up to this area). v1.1 configures 10 / 50, but the clean-up needs the ``sam2._C`` CUDA
             extension, which the v1.1 package never builds, so the demo silently skipped it (0 / 0).
+
+    Additions (not upstream; off in both presets):
+        maskout_dilate: grow each mask by this many pixels before painting it out (0 = off).
+        max_painted_overlap: from iteration 2 on, drop a detection whose own (detector) mask lies on already
+            painted-out pixels by more than this fraction, before pose estimation (1.0 = off). Such a detection is a
+            person already found, seen again through the rim a coarse mask left visible: a new person is by
+            construction on unpainted pixels. Needs a detector with masks (ignored for box-only detectors, whose
+            boxes of occluded people overlap painted areas legitimately).
     """
 
     num_iters: int = 2
@@ -68,6 +76,9 @@ class LoopConfig:
     empty_prompt_fallback: EmptyPromptFallback = "detector_mask"
     sam_max_hole_area: float = 10.0
     sam_max_sprinkle_area: float = 50.0
+    # additions (off in both presets = upstream behaviour)
+    maskout_dilate: int = 0
+    max_painted_overlap: float = 1.0
 
     def __post_init__(self) -> None:
         if self.segmenter not in ("sam2", "none"):
@@ -79,6 +90,10 @@ class LoopConfig:
                 "loop.empty_prompt_fallback must be 'detector_mask' or 'zero_points', "
                 f"got {self.empty_prompt_fallback!r}"
             )
+        if self.maskout_dilate < 0:
+            raise ValueError(f"loop.maskout_dilate must be >= 0 pixels, got {self.maskout_dilate}")
+        if not 0.0 <= self.max_painted_overlap <= 1.0:
+            raise ValueError(f"loop.max_painted_overlap must be in [0, 1] (1 = off), got {self.max_painted_overlap}")
         if self.num_iters < 1:
             raise ValueError(f"loop.num_iters must be >= 1, got {self.num_iters}")
 

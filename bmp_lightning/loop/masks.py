@@ -33,22 +33,61 @@ def exclusive_masks(masks: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (winner[None] == np.arange(n)[:, None, None]) & covered[None]
 
 
+def painted_region(
+    masks: np.ndarray,
+    shape: tuple[int, int],
+    mode: Literal["contours", "pixels"] = "contours",
+    min_area: float = 50.0,
+    dilate: int = 0,
+) -> np.ndarray:
+    """The ``(H, W)`` bool area that :func:`mask_out` paints for ``masks``.
+
+    Args:
+        masks: ``(N, H, W)`` bool masks.
+        shape: ``(H, W)`` of the image.
+        mode: ``contours`` (v1.1): each mask's external contours with ``cv2.contourArea >= min_area`` are filled
+            (``cv2.fillPoly``), so holes inside a person are painted too and specks below ``min_area`` are not;
+            ``pixels`` (HEAD): exactly the mask pixels.
+        min_area: contour area threshold (contours mode).
+        dilate: grow each mask by this many pixels (elliptical kernel) before painting; 0 = upstream. Coarse masks
+            (the detector's, without SAM) leave a rim of the person visible, which the next detector pass finds again.
+    """
+    if mode not in ("contours", "pixels"):
+        raise ValueError(f"mask_out mode must be 'contours' or 'pixels', got {mode!r}")
+    if dilate < 0:
+        raise ValueError(f"mask-out dilation must be >= 0 pixels, got {dilate}")
+    region = np.zeros(shape, dtype=np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)) if dilate else None
+    for mask in np.asarray(masks):
+        mask = mask.astype(np.uint8)
+        if not mask.any():
+            continue
+        if kernel is not None:
+            mask = cv2.dilate(mask, kernel)
+        if mode == "pixels":
+            region |= mask
+        else:
+            contours, _ = cv2.findContours(mask * 255, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            polys = [c.reshape(-1, 1, 2).astype(np.int32) for c in contours if cv2.contourArea(c) >= min_area]
+            if polys:
+                cv2.fillPoly(region, polys, 1)
+    return region.astype(bool)
+
+
 def mask_out(
     image: np.ndarray,
     masks: np.ndarray,
     mode: Literal["contours", "pixels"] = "contours",
     min_area: float = 50.0,
     fill: int | tuple[int, int, int] = 0,
+    dilate: int = 0,
 ) -> np.ndarray:
     """Paint people out of a copy of ``image`` for the next detection round.
 
     Args:
         image: ``(H, W, 3)`` uint8.
         masks: ``(N, H, W)`` bool masks to paint.
-        mode: ``contours`` (v1.1): each mask's external contours with ``cv2.contourArea >= min_area`` are filled
-            (``cv2.fillPoly``), so holes inside a person are painted too and specks below ``min_area`` are not;
-            ``pixels`` (HEAD): exactly the mask pixels.
-        min_area: contour area threshold (contours mode).
+        mode, min_area, dilate: which pixels, see :func:`painted_region`.
         fill: the paint value (black upstream).
 
     Returns:
@@ -56,19 +95,7 @@ def mask_out(
     """
     out = np.array(image, copy=True)
     color = (fill,) * out.shape[2] if np.isscalar(fill) else tuple(fill)
-    for mask in np.asarray(masks):
-        mask = mask.astype(bool)
-        if not mask.any():
-            continue
-        if mode == "pixels":
-            out[mask] = color
-        elif mode == "contours":
-            contours, _ = cv2.findContours(mask.astype(np.uint8) * 255, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            polys = [c.reshape(-1, 1, 2).astype(np.int32) for c in contours if cv2.contourArea(c) >= min_area]
-            if polys:
-                cv2.fillPoly(out, polys, tuple(int(c) for c in color))
-        else:
-            raise ValueError(f"mask_out mode must be 'contours' or 'pixels', got {mode!r}")
+    out[painted_region(masks, out.shape[:2], mode, min_area, dilate)] = np.asarray(color, dtype=out.dtype)
     return out
 
 

@@ -240,3 +240,38 @@ def test_with_tiny_sam2():
     assert len(res.persons) == 2
     assert all(p.mask.shape == (H, W) and p.mask.dtype == bool for p in res.persons)
     assert not (res.persons[0].mask & res.persons[1].mask).any()
+
+
+def test_max_painted_overlap_drops_redetections_of_painted_people():
+    img = _image()
+    rim = (30.0, 10.0, 55.0, 100.0)  # mask: columns 30..54, of which 30..49 (20 of 25 = 0.8) are A's painted area
+    outputs = [_det((BOX_A, 0.9, 0)), _det((rim, 0.8, 0), (BOX_B, 0.85, 0))]
+    seen = {}
+    for thr in (1.0, 0.8, 0.7):
+        pose = FakePose()
+        res = BMP(FakeDetector(outputs), pose, None, loop=bmp_d3(segmenter="none", max_painted_overlap=thr))(img)
+        it2 = res.iterations[1]
+        seen[thr] = sorted(tuple(b) for b in it2.det_bboxes.tolist())
+        if thr < 0.8:  # 0.8 > 0.7: dropped before pose, never posed, not a person
+            assert it2.painted_dropped == 1
+            np.testing.assert_allclose(pose.seen[1][1], [BOX_B])
+            assert [tuple(p.bbox) for p in res.persons] == [BOX_A, BOX_B]
+        else:  # off (upstream), or exactly at the threshold: kept
+            assert it2.painted_dropped == 0 and len(pose.seen[1][1]) == 2
+            assert len(res.persons) == 3  # the rim's pose differs enough to pass OKS-NMS: the duplicate
+    assert seen[1.0] == seen[0.8] == sorted([rim, BOX_B]) and seen[0.7] == [BOX_B]
+
+
+def test_maskout_dilate_paints_a_rim():
+    img = _image()
+    outputs = [_det((BOX_A, 0.9, 0)), _det((BOX_B, 0.85, 0))]
+    det = FakeDetector(outputs)
+    BMP(det, FakePose(), None, loop=bmp_d3(segmenter="none", maskout_dilate=2))(img)
+    painted = det.seen[1].sum(axis=2) == 0
+    x1, y1, x2, y2 = (int(v) for v in BOX_A)
+    grown = np.zeros((H, W), bool)
+    grown[y1 - 2 : y2 + 2, x1 - 2 : x2 + 2] = True  # a 2-px ellipse keeps the box corners' diagonal pixels
+    assert painted[y1 - 2 : y2 + 2, x1:x2].all() and painted[y1:y2, x1 - 2 : x2 + 2].all()
+    assert not (painted & ~grown).any()
+    with pytest.raises(ValueError, match="max_painted_overlap"):
+        bmp_d3(max_painted_overlap=1.5)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out
+from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out, painted_region
 
 
 def _rect(h, w, y0, y1, x0, x1):
@@ -83,3 +84,21 @@ def test_box_nms_plus_one_and_threshold():
 def test_mask_out_bad_mode(mode):
     with pytest.raises(ValueError, match="contours"):
         mask_out(np.zeros((4, 4, 3), np.uint8), np.ones((1, 4, 4), bool), mode=mode)
+
+
+def test_mask_out_dilate_grows_by_radius():
+    img = np.full((40, 40, 3), 200, np.uint8)
+    dot = _rect(40, 40, 20, 21, 20, 21)  # one pixel at (20, 20)
+    region = painted_region(dot[None], (40, 40), mode="pixels", dilate=3)
+    yy, xx = np.mgrid[:40, :40]
+    # cv2's 7x7 ellipse: the disc of radius 3 (corners of the square off, the 4 axis tips on)
+    assert region[20, 17] and region[20, 23] and region[17, 20] and region[23, 20]
+    assert not region[17, 17] and not region[20, 24]
+    assert region.sum() == cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)).sum()
+    assert (np.hypot(yy - 20, xx - 20)[region] <= 3.2).all()
+    out = mask_out(img, dot[None], mode="pixels", dilate=3)
+    np.testing.assert_array_equal(out[..., 0] == 0, region)
+    # dilate=0 is the upstream mask-out, contours mode included
+    np.testing.assert_array_equal(painted_region(dot[None], (40, 40), "pixels"), dot)
+    with pytest.raises(ValueError, match=">= 0"):
+        painted_region(dot[None], (40, 40), dilate=-1)
