@@ -12,7 +12,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
@@ -33,8 +32,6 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002 - the global state is exactly what third-party code draws from
     random.seed(seed)
-
-
 
 
 @dataclass

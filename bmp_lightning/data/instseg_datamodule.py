@@ -24,7 +24,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, build_train_pipeline
@@ -34,8 +33,6 @@ from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
-
-
 
 
 def _valid_polygons(seg: Any) -> bool:

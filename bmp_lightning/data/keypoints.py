@@ -99,8 +99,24 @@ CROWDPOSE_KEYPOINTS: tuple[str, ...] = (
 SOURCE_MAPPINGS: dict[str, dict[int, int]] = {
     "coco": {i: i for i in range(17)},
     "ochuman": {i: i for i in range(17)},
-    "mpii": {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 6: 20, 7: 17, 8: 18, 9: 19, 10: 10, 11: 8, 12: 6, 13: 5, 14: 7,
-             15: 9},  # fmt: skip
+    "mpii": {
+        0: 16,
+        1: 14,
+        2: 12,
+        3: 11,
+        4: 13,
+        5: 15,
+        6: 20,
+        7: 17,
+        8: 18,
+        9: 19,
+        10: 10,
+        11: 8,
+        12: 6,
+        13: 5,
+        14: 7,
+        15: 9,
+    },  # fmt: skip
     "aic": {0: 6, 1: 8, 2: 10, 3: 5, 4: 7, 5: 9, 6: 12, 7: 14, 8: 16, 9: 11, 10: 13, 11: 15, 12: 19, 13: 17},
     # evaluation only: 12 limb joints from the COCO slots, head <- top_head, neck <- neck
     "crowdpose": {0: 5, 1: 6, 2: 7, 3: 8, 4: 9, 5: 10, 6: 11, 7: 12, 8: 13, 9: 14, 10: 15, 11: 16, 12: 19, 13: 18},
@@ -117,9 +133,7 @@ def to_merged(keypoints: np.ndarray, source: str) -> np.ndarray:
     mapping = SOURCE_MAPPINGS[source]
     keypoints = np.asarray(keypoints)
     if keypoints.shape[-2] != SOURCE_NUM_KEYPOINTS[source]:
-        raise ValueError(
-            f"{source} keypoints need {SOURCE_NUM_KEYPOINTS[source]} joints, got {keypoints.shape[-2]}"
-        )
+        raise ValueError(f"{source} keypoints need {SOURCE_NUM_KEYPOINTS[source]} joints, got {keypoints.shape[-2]}")
     out = np.zeros(keypoints.shape[:-2] + (NUM_KEYPOINTS, keypoints.shape[-1]), dtype=keypoints.dtype)
     src = list(mapping.keys())
     dst = list(mapping.values())

@@ -10,7 +10,8 @@ Steps (each one skipped when its output exists and is complete, so a second run 
 2. pose: ``python -m bmp_lightning.train experiment=smoke`` (tiny MaskPose), 16 epochs by default (twice the smoke
    run: with the smoke run's 8 the pose model is too weak for pose AP to move) -> ``<out>/pose/checkpoints/last.ckpt``;
 3. ``python -m bmp_lightning.bmp +experiment=bmp_synthetic_eval`` (held-out synthetic crowds of 5-9 people, loop
-   ``bmp_d3`` with ``segmenter=none`` and ``max_painted_overlap=0.7``) -> ``<out>/bmp/`` (``metrics.json``, ``results/iter{1,2}.*.json``);
+   ``bmp_d3`` with ``segmenter=none`` and ``max_painted_overlap=0.7``) -> ``<out>/bmp/`` (``metrics.json``,
+   ``results/iter{1,2}.*.json``);
 4. :func:`compare_iterations` -> ``<out>/summary.json`` and a table on stdout: pose AP / AR, box AP / AR100, box recall
    at IoU 0.5 (one-to-one greedy matching) per iteration, and the people iteration 2 found that iteration 1 missed.
 
