@@ -6,7 +6,8 @@ Steps (run from the project root; every location is fixed so a second run reuses
    ``python -m bmp_lightning.train experiment=smoke hydra.run.dir=logs/smoke_models/pose``;
 2. detector: ``logs/smoke_models/det/checkpoints/last.ckpt``, trained with ``experiment=rtmdet_smoke`` likewise;
 3. scenes: four synthetic crowded scenes in ``logs/smoke_models/scenes/images/val``;
-4. SAM 2.1 b+ when it is in the Hugging Face cache, else ``loop.segmenter=none`` (the detector's masks);
+4. SAM 2.1 b+ when it is in the Hugging Face cache, else ``loop.segmenter=none`` (the detector's masks, with
+   ``loop.max_painted_overlap=0.7`` against re-detections);
 5. ``python -m bmp_lightning.demo`` on the scenes -> ``logs/demo/smoke/``.
 
 A model whose smoke config does not exist (or whose training fails) is replaced by a tiny random one, with a
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         log.warning("SAM 2.1 (%s) is not in the Hugging Face cache: running with loop.segmenter=none (the "
                     "detector's masks); pass DEMO_ARGS='sam=<local folder>' to use SAM", DEFAULT_SAM2)  # fmt: skip
-        args.append("loop.segmenter=none")
+        # the detector's coarse masks leave rims that iteration 2 re-detects: drop those (experiments/bmp_synthetic)
+        args += ["loop.segmenter=none", "loop.max_painted_overlap=0.7"]
     if pose is None or det is None:
         log.warning("tiny random model(s) in use: boxes and keypoints are meaningless, the pictures only show the "
                     "loop's steps")  # fmt: skip
