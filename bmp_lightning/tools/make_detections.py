@@ -73,9 +73,9 @@ def person_category_id(gt: dict, source: str) -> int:
 def fit_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """An ``(h, w)`` mask cropped / zero-padded (bottom, right) to ``hw``: ``(H, W)`` uint8.
 
-    RTMDet-Ins masks can be a pixel short of the image: MMDetection rescales them with the inverse *w* factor on
-    the height and the *h* factor on the width, then rounds up and crops (mm_architectures B6), and
-    ``Detector`` reproduces that. An RLE must have the image's size, so the missing row / column is empty.
+    ``Detector`` returns masks of exactly the image size (``masks_to_original`` repeats the row / column that
+    MMDetection's swapped rescale factors can leave short); this guards other detectors' outputs, since an RLE must
+    have the image's size.
     """
     h, w = hw
     out = np.zeros((h, w), np.uint8)
@@ -96,7 +96,7 @@ def image_detections(
 
     Args:
         result: the ``Detector`` output of one image: ``bboxes (N, 4)`` xyxy, ``scores (N,)``, ``labels (N,)``,
-            ``masks (N, h, w)`` (``(h, w)`` the image size ``hw`` or a pixel short of it, see ``fit_mask``).
+            ``masks (N, h, w)`` (``(h, w)`` the image size ``hw``; otherwise fitted, see ``fit_mask``).
         hw: the image's ``(H, W)``.
 
     Returns:

@@ -148,8 +148,14 @@ def test_masks_to_original_upsample_rescale_crop():
     m = masks_to_original(logits, 8, ori_shape=(100, 90), scale_factor=(0.5, 0.5))
     assert m.shape == (1, 100, 90) and m[0, :, :64].all() and not m[0, :, 64:].any()
     # Upstream quirk kept: height uses 1 / w_scale, width 1 / h_scale (size [ceil(64*2), ceil(64*4)]).
+    # Here that rescale gives 128x256, short of the image: the last row / column is repeated up to (H, W).
     m = masks_to_original(logits, 8, ori_shape=(1000, 1000), scale_factor=(0.5, 0.25))
-    assert m.shape == (1, 128, 256) and m[0, :, :128].all() and not m[0, :, 128:].any()
+    assert m.shape == (1, 1000, 1000) and m[0, :, :128].all() and not m[0, :, 128:].any()
+    # The real case: 425x640 resized by (320/640, 213/425) into 320: width ceil(320 * 425/213) = 639 -> padded to 640.
+    logits = torch.full((1, 40, 40), -1.0)
+    logits[:, :, 20:] = 1.0  # right half on, so the padded last column is on too
+    m = masks_to_original(logits, 8, ori_shape=(425, 640), scale_factor=(320 / 640, 213 / 425))
+    assert m.shape == (1, 425, 640) and m[0, :, 639].all() and not m[0, :, :300].any()
 
 
 def _logit(p: float) -> float:
@@ -193,7 +199,9 @@ def test_postprocess_filter_nms_rescale_masks():
         [cls], [reg], [ker], mask_feat, (64, 64), ori_shape=(200, 120), scale_factor=(0.5, 0.32), strides=(8,)
     )
     torch.testing.assert_close(res2["bboxes"], res["bboxes"] * torch.tensor([2.0, 1 / 0.32, 2.0, 1 / 0.32]))
-    assert res2["masks"].shape == (3, 128, 120)  # height ceil(64 * 2) (upstream quirk), crop to ori width 120
+    # height ceil(64 * 2) = 128 (upstream quirk) padded to 200 with the last row, width cropped to 120
+    assert res2["masks"].shape == (3, 200, 120)
+    assert res2["masks"][0].all() and not res2["masks"][2].any()
 
     # max_per_img keeps the best ones; a high threshold leaves nothing but well-formed empty outputs.
     assert postprocess_single([cls], [reg], [ker], mask_feat, (64, 64), strides=(8,), max_per_img=2)[

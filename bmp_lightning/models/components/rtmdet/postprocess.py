@@ -84,6 +84,11 @@ def masks_to_original(
         size = [math.ceil(x.shape[-2] * inv_w), math.ceil(x.shape[-1] * inv_h)]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = x[..., : ori_shape[0], : ori_shape[1]]
+        # The swapped factors can round one row/column short of the image (e.g. 425x640 at input 320 -> 425x639):
+        # repeat the last one, so masks are always exactly (H, W).
+        short_h, short_w = ori_shape[0] - x.shape[-2], ori_shape[1] - x.shape[-1]
+        if short_h > 0 or short_w > 0:
+            x = F.pad(x, (0, max(short_w, 0), 0, max(short_h, 0)), mode="replicate")
     return x[0].sigmoid() > mask_thr
 
 
