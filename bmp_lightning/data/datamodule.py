@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
 from bmp_lightning.data.readers import read_detections, read_source
 from bmp_lightning.data.records import PersonRecord
-from bmp_lightning.data.samplers import MultiSourceBatchSampler
+from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader
 from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class PoseDataModule(L.LightningDataModule):
             seed=self.seed,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         if not self.train_sources:
             raise RuntimeError("no train_sources configured in this data config (an evaluation-only config?)")
         if self.train_dataset is None:
@@ -309,7 +309,13 @@ class PoseDataModule(L.LightningDataModule):
         self._check_lightning_sampler()
         sampler = self.train_batch_sampler()
         sampler.add_epoch_callback(self.train_dataset.set_epoch)
-        return DataLoader(
+        # Lightning creates the first iterator (and workers draw indices) before it calls set_epoch, so a fresh
+        # sampler must already hold the loop's epoch: a run resumed at epoch e > 0 would otherwise draw epoch 0's
+        # order. A mid-epoch resume then restores the exact position (ResumableDataLoader.load_state_dict).
+        epoch = self._fit_epoch()
+        if epoch:
+            sampler.set_epoch(epoch)
+        return ResumableDataLoader(
             self.train_dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
@@ -317,6 +323,12 @@ class PoseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             worker_init_fn=seed_worker,
         )
+
+    def _fit_epoch(self) -> int:
+        """The epoch the attached trainer's fit loop is about to run (what it passes to ``set_epoch``), else 0."""
+        fit_loop = getattr(getattr(self, "trainer", None), "fit_loop", None)
+        progress = getattr(fit_loop, "epoch_progress", None)
+        return int(progress.current.processed) if progress is not None else 0
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_sets_info:

@@ -10,17 +10,34 @@ so the ranks' shares are disjoint within a permutation. An "epoch" is measured i
 Differences from upstream, on purpose: streams restart from a new seed every epoch (upstream keeps one generator
 for the whole run, so ``set_epoch`` is a no-op there), and the last batch of an epoch is kept by default
 (upstream yields only whole batches while reporting the rounded-up length).
+
+Exact mid-epoch resume: :meth:`MultiSourceBatchSampler.state_dict` records the epoch and how many batches of it were
+handed out; after :meth:`~MultiSourceBatchSampler.load_state_dict` the next ``__iter__`` fast-forwards the index
+streams (indices only, no data is loaded) past those batches and continues exactly as an uninterrupted run would.
+:class:`ResumableDataLoader` exposes that state to Lightning (which saves it in ``loops.fit_loop.combined_loader``
+of every checkpoint and restores it before it creates the iterator of a mid-epoch resume), counting the batches the
+consumer took in the main process rather than those the workers prefetched. A checkpoint from a different setup
+(source sizes, batch size or shares, world size, seed, shuffle, drop_last) cannot be continued in the same order:
+by default that logs a warning and restarts the checkpoint's epoch from its first batch (weights and optimiser are
+still valid, and resuming on another number of GPUs is a legitimate choice); ``strict_resume=True`` raises instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from bmp_lightning.utils.common import dist_world
+
+log = logging.getLogger(__name__)
+
+# what must be equal between a checkpoint and this sampler for the epoch to continue in the same order
+_SETUP_KEYS = ("source_sizes", "batch_size", "counts", "world_size", "seed", "shuffle", "drop_last")
 
 
 def per_source_counts(batch_size: int, source_ratio: Sequence[float]) -> list[int]:
@@ -66,6 +83,8 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         seed: base seed, the same on every rank.
         num_replicas, rank: DDP world size and rank; default: read from torch.distributed at iteration time.
         drop_last: report/yield ``floor`` instead of ``ceil`` batches per epoch.
+        strict_resume: :meth:`load_state_dict` raises on a checkpoint from a different setup (default: warn and
+            restart that epoch from its first batch).
     """
 
     def __init__(
@@ -78,6 +97,7 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        strict_resume: bool = False,
     ) -> None:
         self.source_sizes = [int(n) for n in source_sizes]
         if not self.source_sizes:
@@ -100,6 +120,14 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.sampler = _EpochHook(self)
         self._epoch_callbacks: list[Callable[[int], None]] = []
+        self.strict_resume = bool(strict_resume)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next __iter__
+        # the latest iteration: how many were started, its epoch, its first batch (> 0 after a resume) and how many
+        # batches of its epoch have been handed out (skipped ones included)
+        self.iter_id = 0
+        self.iter_epoch = 0
+        self.iter_start = 0
+        self._position: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """New seeds for every stream; also tells registered listeners (the dataset's augmentation RNG)."""
@@ -115,24 +143,174 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         per_rank = math.ceil(sum(self.source_sizes) / world)
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
-    def _stream(self, source: int, world: int, rank: int) -> Iterator[int]:
-        """This rank's share of source ``source``'s infinite stream, as global indices."""
+    def _stream(self, source: int, world: int, rank: int, epoch: int, start: int = 0) -> Iterator[int]:
+        """This rank's share of source ``source``'s infinite stream of ``epoch``, as global indices.
+
+        ``start``: how many of this rank's draws to skip (a resume); whole permutations are skipped by drawing them
+        (the generator must advance) without touching their indices one by one.
+        """
         n, offset = self.source_sizes[source], self.offsets[source]
-        rng = np.random.default_rng([self.seed, self.epoch, source])
+        rng = np.random.default_rng([self.seed, epoch, source])
+        target = rank + start * world  # global stream position of this rank's first wanted draw
         pos = 0  # position in the (conceptually concatenated) stream of permutations
         while True:
-            perm = rng.permutation(n) if self.shuffle else np.arange(n)
-            # positions pos..pos+n-1 live in this permutation; keep those congruent to rank modulo world
-            first = (rank - pos) % world
-            for i in perm[first::world].tolist():
-                yield i + offset
+            perm = rng.permutation(n) if self.shuffle else None
+            if pos + n > target:
+                # positions pos..pos+n-1 live in this permutation; keep those congruent to rank modulo world
+                # (target is congruent to rank, so it is the first such position once it lies in this permutation)
+                first = max(target - pos, (rank - pos) % world)
+                picked = perm[first::world] if perm is not None else np.arange(first, n, world)
+                for i in picked.tolist():
+                    yield i + offset
             pos += n
 
     def __iter__(self) -> Iterator[list[int]]:
         world, rank = _dist_info(self.num_replicas, self.rank)
-        streams = [self._stream(s, world, rank) for s in range(len(self.source_sizes))]
-        for _ in range(len(self)):
+        epoch, skip = self.epoch, 0
+        if self._resume is not None:
+            resume_epoch, resume_batches = self._resume
+            self._resume = None
+            if resume_epoch == epoch:
+                skip = min(resume_batches, len(self))
+            else:  # set_epoch moved on since load_state_dict (e.g. the loop finished that epoch): start afresh
+                log.info(
+                    "batch sampler: resume state is for epoch %d, iterating epoch %d from its start",
+                    resume_epoch,
+                    epoch,
+                )
+        self.iter_id += 1
+        self.iter_epoch, self.iter_start, self._position = epoch, skip, skip
+        streams = [self._stream(s, world, rank, epoch, start=skip * count) for s, count in enumerate(self.counts)]
+        for b in range(skip, len(self)):
             batch: list[int] = []
             for stream, count in zip(streams, self.counts):
                 batch.extend(next(stream) for _ in range(count))
+            self._position = b + 1  # counted before yield: the consumer holds it once next() returns
             yield batch
+
+    # ------------------------------------------------------------------ resume
+    def _setup(self) -> dict[str, Any]:
+        world, _ = _dist_info(self.num_replicas, self.rank)
+        return {
+            "source_sizes": list(self.source_sizes),
+            "batch_size": self.batch_size,
+            "counts": list(self.counts),
+            "world_size": world,
+            "seed": self.seed,
+            "shuffle": bool(self.shuffle),
+            "drop_last": bool(self.drop_last),
+        }
+
+    def state_dict(self, batches: int | None = None) -> dict[str, Any]:
+        """Where this epoch stands: ``{epoch, batches, num_batches}`` plus the setup that fixes the order.
+
+        ``batches``: batches of the latest iteration's epoch handed out so far; by default those this sampler
+        yielded (a pending :meth:`load_state_dict` counts as yielded). :class:`ResumableDataLoader` passes the
+        number its consumer took instead (workers run ahead of it). Identical on every rank (no rank in it).
+        """
+        if self._resume is not None:
+            epoch, done = self._resume
+        elif self._position is not None:
+            epoch, done = self.iter_epoch, self._position
+        else:
+            epoch, done = self.epoch, 0
+        if batches is not None:
+            done = int(batches)
+        return {"epoch": int(epoch), "batches": int(done), "num_batches": len(self), **self._setup()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue ``state``'s epoch after its ``batches`` batches at the next ``__iter__``.
+
+        Sets the epoch (and tells the epoch listeners, so the dataset's augmentation follows before any sample is
+        loaded). A finished epoch resumes at the start of the next one. A different setup warns and restarts the
+        epoch from its first batch, or raises ``ValueError`` with ``strict_resume``.
+        """
+        missing = [k for k in ("epoch", "batches", *_SETUP_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"batch sampler state lacks {missing}: not a MultiSourceBatchSampler state_dict")
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        mine = self._setup()
+        diff = {k: (state[k], mine[k]) for k in _SETUP_KEYS if _plain(state[k]) != _plain(mine[k])}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+            if self.strict_resume:
+                raise ValueError(f"cannot resume the training data order of epoch {epoch} ({what})")
+            log.warning(
+                "training data setup differs from the checkpoint's (%s): epoch %d restarts from its first batch "
+                "instead of continuing after batch %d",
+                what,
+                epoch,
+                done,
+            )
+            done = 0
+        if done >= len(self):  # the checkpoint was taken after the epoch's last batch
+            epoch, done = epoch + 1, 0
+        self.set_epoch(epoch)
+        self._resume = (epoch, done) if done > 0 else None
+        self._position = None
+
+
+def _plain(v: Any) -> Any:
+    """Lists and tuples compare equal (a checkpoint may hold either)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+class _CountingIterator:
+    """Forwards a DataLoader iterator and counts, in the main process, the batches its consumer took."""
+
+    def __init__(self, it: Iterator[Any], loader: ResumableDataLoader) -> None:
+        self._it = it
+        self._loader = loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        self._loader._taken += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __getattr__(self, name: str) -> Any:  # only called for names this wrapper lacks
+        if name == "_it":
+            raise AttributeError(name)
+        return getattr(self._it, name)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`MultiSourceBatchSampler` whose position Lightning checkpoints and restores.
+
+    Lightning 2.x saves ``state_dict()`` of every train dataloader that has ``state_dict``/``load_state_dict`` and,
+    on a mid-epoch resume, calls ``load_state_dict`` before it creates the epoch's iterator. ``batches`` counts the
+    batches taken from this loader's iterator (in the main process, so worker prefetching does not inflate it;
+    Lightning's fetcher does not prefetch a sized loader, so that is what the loop consumed). Same arguments as
+    ``DataLoader``; ``batch_sampler`` must be a :class:`MultiSourceBatchSampler`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, MultiSourceBatchSampler):
+            raise TypeError(f"ResumableDataLoader needs a MultiSourceBatchSampler, got {type(self.batch_sampler)}")
+        self._taken = 0
+        self._iter_base: int | None = None  # the sampler's iter_id when this loader's latest iteration began
+
+    def __iter__(self) -> _CountingIterator:
+        self._iter_base = self.batch_sampler.iter_id
+        self._taken = 0
+        return _CountingIterator(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler: MultiSourceBatchSampler = self.batch_sampler
+        if self._iter_base is not None and sampler.iter_id > self._iter_base:
+            # the sampler's running iteration is ours: its epoch, its resume offset plus what the consumer took
+            state = sampler.state_dict(batches=sampler.iter_start + self._taken)
+            state["epoch"] = sampler.iter_epoch
+            return state
+        return sampler.state_dict()  # not started yet: a pending resume, or the start of the current epoch
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self._iter_base = None
+        self._taken = 0
