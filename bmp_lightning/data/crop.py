@@ -1,0 +1,130 @@
+"""The UDP crop of top-down pose: box <-> center/scale, aspect fix, warp matrix, point mapping and ``TopdownAffine``.
+
+Split out of :mod:`bmp_lightning.data.transforms` (which re-exports every name here and holds the rest of the
+pipeline). Conventions are those described there: ``bbox`` is the unpadded xyxy working box, ``bbox_center`` /
+``bbox_scale`` describe the padded box, and the warp follows UDP (box edges land on crop pixels 0 and ``size - 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bmp_lightning.data.records import BadSampleError
+
+Sample = dict[str, Any]
+
+__all__ = [
+    "TopdownAffine",
+    "bbox_xyxy_to_cs",
+    "bbox_cs_to_xyxy",
+    "fix_aspect_ratio",
+    "get_udp_warp_matrix",
+    "affine_points",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _where(sample: Sample) -> str:
+    return str(sample.get("where") or sample.get("image_path") or "<sample>")
+
+
+def bbox_xyxy_to_cs(bbox: np.ndarray, padding: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """xyxy ``(4,)`` -> center ``(2,)`` and scale ``(2,)`` = (w, h) * padding (float64)."""
+    bbox = np.asarray(bbox, np.float64)
+    center = 0.5 * (bbox[:2] + bbox[2:4])
+    scale = (bbox[2:4] - bbox[:2]) * padding
+    return center, scale
+
+
+def bbox_cs_to_xyxy(center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """center/scale ``(2,)`` -> xyxy ``(4,)`` float64."""
+    center = np.asarray(center, np.float64)
+    scale = np.asarray(scale, np.float64)
+    return np.concatenate([center - 0.5 * scale, center + 0.5 * scale])
+
+
+def fix_aspect_ratio(scale: np.ndarray, aspect_ratio: float) -> np.ndarray:
+    """Enlarge the shorter side so that w / h == aspect_ratio (``(2,)`` -> ``(2,)``)."""
+    w, h = float(scale[0]), float(scale[1])
+    if w > h * aspect_ratio:
+        return np.array([w, w / aspect_ratio])
+    return np.array([h * aspect_ratio, h])
+
+
+def get_udp_warp_matrix(
+    center: Sequence[float], scale: Sequence[float], rot_deg: float, output_size: Sequence[int]
+) -> np.ndarray:
+    """UDP affine ``(2, 3)`` float64 mapping image pixels to crop pixels.
+
+    The box ``center +- scale / 2`` is rotated by ``rot_deg`` about its center and its edges land on crop pixels
+    0 and ``size - 1``: ``p_out = S R (p - center) + scale * S / 2`` with ``S = diag((size - 1) / scale)`` and
+    ``R = [[cos, -sin], [sin, cos]]`` (MMPose's sign convention).
+    """
+    cx, cy = float(center[0]), float(center[1])
+    sw, sh = float(scale[0]), float(scale[1])
+    if not (sw > 0 and sh > 0 and math.isfinite(sw) and math.isfinite(sh)):
+        raise ValueError(f"bbox scale must be positive and finite, got ({sw}, {sh})")
+    sx = (output_size[0] - 1) / sw
+    sy = (output_size[1] - 1) / sh
+    r = math.radians(rot_deg)
+    cos, sin = math.cos(r), math.sin(r)
+    return np.array(
+        [
+            [sx * cos, -sx * sin, sx * (-cos * cx + sin * cy + 0.5 * sw)],
+            [sy * sin, sy * cos, sy * (-sin * cx - cos * cy + 0.5 * sh)],
+        ]
+    )
+
+
+def affine_points(points: np.ndarray, mat: np.ndarray) -> np.ndarray:
+    """Apply a ``(2, 3)`` affine to ``(..., 2)`` points (float64 result)."""
+    points = np.asarray(points, np.float64)
+    mat = np.asarray(mat, np.float64)
+    return points @ mat[:, :2].T + mat[:, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+class TopdownAffine:
+    """Warp the person to the model input with the UDP affine.
+
+    center/scale come from the working ``bbox`` x ``padding``; the aspect ratio is fixed to ``w / h`` of
+    ``input_size`` by enlarging the short side; rotation is ``bbox_rotation``. Bilinear, constant black border.
+
+    Outputs ``img`` ``(h, w, 3)``, ``keypoints`` ``(K, 2)`` float32 in crop pixels, ``warp_mat`` ``(2, 3)``,
+    final ``bbox_center``/``bbox_scale`` (float32, what :func:`~bmp_lightning.data.codec.keypoints_to_image`
+    needs), ``input_size``, and the warped ``mask`` if one is present (nearest neighbour, for visualisation).
+    """
+
+    def __init__(self, input_size: Sequence[int] = (192, 256), padding: float = 1.25) -> None:
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.padding = padding
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        w, h = self.input_size
+        center, scale = bbox_xyxy_to_cs(sample["bbox"], self.padding)
+        scale = fix_aspect_ratio(scale, w / h)
+        rot = float(sample.get("bbox_rotation", 0.0))
+        try:
+            mat = get_udp_warp_matrix(center, scale, rot, (w, h))
+        except ValueError as e:
+            raise BadSampleError(f"{_where(sample)}: {e}") from e
+        sample["img"] = cv2.warpAffine(sample["img"], mat, (w, h), flags=cv2.INTER_LINEAR)
+        if sample.get("mask") is not None:
+            sample["mask"] = cv2.warpAffine(sample["mask"], mat, (w, h), flags=cv2.INTER_NEAREST)
+        sample["keypoints"] = affine_points(np.asarray(sample["keypoints"])[:, :2], mat).astype(np.float32)
+        sample["keypoints_visible"] = np.asarray(sample["keypoints_visible"], np.float32)
+        sample["warp_mat"] = mat.astype(np.float32)
+        sample["bbox"] = np.asarray(sample["bbox"], np.float32)
+        sample["bbox_center"] = center.astype(np.float32)
+        sample["bbox_scale"] = scale.astype(np.float32)
+        sample["bbox_rotation"] = rot
+        sample["input_size"] = (w, h)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"TopdownAffine(input_size={self.input_size}, padding={self.padding})"
