@@ -20,6 +20,10 @@ consumer took in the main process rather than those the workers prefetched. A ch
 (source sizes, batch size or shares, world size, seed, shuffle, drop_last) cannot be continued in the same order:
 by default that logs a warning and restarts the checkpoint's epoch from its first batch (weights and optimiser are
 still valid, and resuming on another number of GPUs is a legitimate choice); ``strict_resume=True`` raises instead.
+
+That machinery lives in :class:`ResumableBatchSampler`; :class:`ShardedBatchSampler` is the same for one dataset in
+``DistributedSampler`` order (instance segmentation), and :func:`fit_loop_epoch` gives a fresh sampler the epoch a
+(resumed) fit loop is about to run, since Lightning calls ``set_epoch`` only after it created the first iterator.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from bmp_lightning.utils.common import dist_world
@@ -65,14 +70,135 @@ def _dist_info(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
 class _EpochHook:
     """Lightning calls ``set_epoch`` on ``dataloader.batch_sampler.sampler``; this forwards it to the batch sampler."""
 
-    def __init__(self, owner: MultiSourceBatchSampler) -> None:
+    def __init__(self, owner: ResumableBatchSampler) -> None:
         self._owner = owner
 
     def set_epoch(self, epoch: int) -> None:
         self._owner.set_epoch(epoch)
 
 
-class MultiSourceBatchSampler(Sampler[list[int]]):
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Base of the batch samplers whose epoch can be continued exactly after a restart.
+
+    Holds the epoch (``set_epoch`` reseeds the order and tells the registered listeners, e.g. the dataset's
+    augmentation RNG), the resume bookkeeping and :meth:`state_dict`/:meth:`load_state_dict`. A subclass defines
+    ``SETUP_KEYS`` and :meth:`_setup` (what fixes the order: a checkpoint from a different setup is not continued),
+    ``__len__`` and :meth:`_batches` (the epoch's batches of one rank from a given batch on, without loading data).
+
+    Args:
+        num_replicas, rank: DDP world size and rank; default: read from torch.distributed at iteration time.
+        strict_resume: :meth:`load_state_dict` raises on a checkpoint from a different setup (default: warn and
+            restart that epoch from its first batch).
+    """
+
+    SETUP_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, num_replicas: int | None = None, rank: int | None = None, strict_resume: bool = False) -> None:
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.sampler = _EpochHook(self)
+        self._epoch_callbacks: list[Callable[[int], None]] = []
+        self.strict_resume = bool(strict_resume)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next __iter__
+        # the latest iteration: how many were started, its epoch, its first batch (> 0 after a resume) and how many
+        # batches of its epoch have been handed out (skipped ones included)
+        self.iter_id = 0
+        self.iter_epoch = 0
+        self.iter_start = 0
+        self._position: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """New order for the epoch; also tells registered listeners (the dataset's augmentation RNG)."""
+        self.epoch = int(epoch)
+        for fn in self._epoch_callbacks:
+            fn(self.epoch)
+
+    def add_epoch_callback(self, fn: Callable[[int], None]) -> None:
+        self._epoch_callbacks.append(fn)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _batches(self, epoch: int, world: int, rank: int, skip: int) -> Iterator[list[int]]:
+        """Batches ``skip, skip + 1, ..., len(self) - 1`` of ``epoch`` for ``rank`` of ``world``."""
+        raise NotImplementedError
+
+    def _setup(self) -> dict[str, Any]:
+        """The values of ``SETUP_KEYS`` (plain ints, bools and lists)."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        world, rank = _dist_info(self.num_replicas, self.rank)
+        epoch, skip = self.epoch, 0
+        if self._resume is not None:
+            resume_epoch, resume_batches = self._resume
+            self._resume = None
+            if resume_epoch == epoch:
+                skip = min(resume_batches, len(self))
+            else:  # set_epoch moved on since load_state_dict (e.g. the loop finished that epoch): start afresh
+                log.info(
+                    "batch sampler: resume state is for epoch %d, iterating epoch %d from its start",
+                    resume_epoch,
+                    epoch,
+                )
+        self.iter_id += 1
+        self.iter_epoch, self.iter_start, self._position = epoch, skip, skip
+        for b, batch in enumerate(self._batches(epoch, world, rank, skip), start=skip):
+            self._position = b + 1  # counted before yield: the consumer holds it once next() returns
+            yield batch
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self, batches: int | None = None) -> dict[str, Any]:
+        """Where this epoch stands: ``{epoch, batches, num_batches}`` plus the setup that fixes the order.
+
+        ``batches``: batches of the latest iteration's epoch handed out so far; by default those this sampler
+        yielded (a pending :meth:`load_state_dict` counts as yielded). :class:`ResumableDataLoader` passes the
+        number its consumer took instead (workers run ahead of it). Identical on every rank (no rank in it).
+        """
+        if self._resume is not None:
+            epoch, done = self._resume
+        elif self._position is not None:
+            epoch, done = self.iter_epoch, self._position
+        else:
+            epoch, done = self.epoch, 0
+        if batches is not None:
+            done = int(batches)
+        return {"epoch": int(epoch), "batches": int(done), "num_batches": len(self), **self._setup()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue ``state``'s epoch after its ``batches`` batches at the next ``__iter__``.
+
+        Sets the epoch (and tells the epoch listeners, so the dataset's augmentation follows before any sample is
+        loaded). A finished epoch resumes at the start of the next one. A different setup warns and restarts the
+        epoch from its first batch, or raises ``ValueError`` with ``strict_resume``.
+        """
+        missing = [k for k in ("epoch", "batches", *self.SETUP_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"batch sampler state lacks {missing}: not a {type(self).__name__} state_dict")
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        mine = self._setup()
+        diff = {k: (state[k], mine[k]) for k in self.SETUP_KEYS if _plain(state[k]) != _plain(mine[k])}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+            if self.strict_resume:
+                raise ValueError(f"cannot resume the training data order of epoch {epoch} ({what})")
+            log.warning(
+                "training data setup differs from the checkpoint's (%s): epoch %d restarts from its first batch "
+                "instead of continuing after batch %d",
+                what,
+                epoch,
+                done,
+            )
+            done = 0
+        if done >= len(self):  # the checkpoint was taken after the epoch's last batch
+            epoch, done = epoch + 1, 0
+        self.set_epoch(epoch)
+        self._resume = (epoch, done) if done > 0 else None
+        self._position = None
+
+
+class MultiSourceBatchSampler(ResumableBatchSampler):
     """Batches of global indices into the concatenation of the sources, with fixed per-source counts.
 
     Args:
@@ -87,6 +213,8 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
             restart that epoch from its first batch).
     """
 
+    SETUP_KEYS = _SETUP_KEYS
+
     def __init__(
         self,
         source_sizes: Sequence[int],
@@ -99,6 +227,7 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         strict_resume: bool = False,
     ) -> None:
+        super().__init__(num_replicas=num_replicas, rank=rank, strict_resume=strict_resume)
         self.source_sizes = [int(n) for n in source_sizes]
         if not self.source_sizes:
             raise ValueError("need at least one source")
@@ -114,29 +243,7 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
         self.offsets = np.concatenate([[0], np.cumsum(self.source_sizes)[:-1]]).astype(np.int64).tolist()
         self.shuffle = shuffle
         self.seed = int(seed)
-        self.num_replicas = num_replicas
-        self.rank = rank
         self.drop_last = drop_last
-        self.epoch = 0
-        self.sampler = _EpochHook(self)
-        self._epoch_callbacks: list[Callable[[int], None]] = []
-        self.strict_resume = bool(strict_resume)
-        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) for the next __iter__
-        # the latest iteration: how many were started, its epoch, its first batch (> 0 after a resume) and how many
-        # batches of its epoch have been handed out (skipped ones included)
-        self.iter_id = 0
-        self.iter_epoch = 0
-        self.iter_start = 0
-        self._position: int | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """New seeds for every stream; also tells registered listeners (the dataset's augmentation RNG)."""
-        self.epoch = int(epoch)
-        for fn in self._epoch_callbacks:
-            fn(self.epoch)
-
-    def add_epoch_callback(self, fn: Callable[[int], None]) -> None:
-        self._epoch_callbacks.append(fn)
 
     def __len__(self) -> int:
         world, _ = _dist_info(self.num_replicas, self.rank)
@@ -164,31 +271,14 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
                     yield i + offset
             pos += n
 
-    def __iter__(self) -> Iterator[list[int]]:
-        world, rank = _dist_info(self.num_replicas, self.rank)
-        epoch, skip = self.epoch, 0
-        if self._resume is not None:
-            resume_epoch, resume_batches = self._resume
-            self._resume = None
-            if resume_epoch == epoch:
-                skip = min(resume_batches, len(self))
-            else:  # set_epoch moved on since load_state_dict (e.g. the loop finished that epoch): start afresh
-                log.info(
-                    "batch sampler: resume state is for epoch %d, iterating epoch %d from its start",
-                    resume_epoch,
-                    epoch,
-                )
-        self.iter_id += 1
-        self.iter_epoch, self.iter_start, self._position = epoch, skip, skip
+    def _batches(self, epoch: int, world: int, rank: int, skip: int) -> Iterator[list[int]]:
         streams = [self._stream(s, world, rank, epoch, start=skip * count) for s, count in enumerate(self.counts)]
-        for b in range(skip, len(self)):
+        for _ in range(skip, len(self)):
             batch: list[int] = []
             for stream, count in zip(streams, self.counts):
                 batch.extend(next(stream) for _ in range(count))
-            self._position = b + 1  # counted before yield: the consumer holds it once next() returns
             yield batch
 
-    # ------------------------------------------------------------------ resume
     def _setup(self) -> dict[str, Any]:
         world, _ = _dist_info(self.num_replicas, self.rank)
         return {
@@ -201,53 +291,91 @@ class MultiSourceBatchSampler(Sampler[list[int]]):
             "drop_last": bool(self.drop_last),
         }
 
-    def state_dict(self, batches: int | None = None) -> dict[str, Any]:
-        """Where this epoch stands: ``{epoch, batches, num_batches}`` plus the setup that fixes the order.
 
-        ``batches``: batches of the latest iteration's epoch handed out so far; by default those this sampler
-        yielded (a pending :meth:`load_state_dict` counts as yielded). :class:`ResumableDataLoader` passes the
-        number its consumer took instead (workers run ahead of it). Identical on every rank (no rank in it).
-        """
-        if self._resume is not None:
-            epoch, done = self._resume
-        elif self._position is not None:
-            epoch, done = self.iter_epoch, self._position
+class ShardedBatchSampler(ResumableBatchSampler):
+    """Batches of one dataset in ``DataLoader(batch_size, sampler=DistributedSampler(...))`` order, resumable.
+
+    The same indices and batches as torch's ``DistributedSampler(shuffle, seed, drop_last=False)`` under a
+    ``DataLoader(batch_size, drop_last)``: a ``torch.randperm`` seeded with ``seed + epoch`` (else ``0..n-1``), padded
+    with its own head to ``ceil(n / W) * W`` and dealt out ``rank::W``; the last batch of a rank is partial unless
+    ``drop_last``. Not distributed: one replica, i.e. a plain shuffled loader.
+
+    Args:
+        dataset_size: number of samples.
+        batch_size: samples per batch (per device).
+        shuffle, seed: as ``DistributedSampler`` (seed the same on every rank).
+        num_replicas, rank: DDP world size and rank; default: read from torch.distributed at iteration time.
+        drop_last: drop each rank's last partial batch (the DataLoader's ``drop_last``).
+        strict_resume: see :class:`ResumableBatchSampler`.
+    """
+
+    SETUP_KEYS = ("dataset_size", "batch_size", "world_size", "seed", "shuffle", "drop_last")
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+        strict_resume: bool = False,
+    ) -> None:
+        super().__init__(num_replicas=num_replicas, rank=rank, strict_resume=strict_resume)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if dataset_size < 0:
+            raise ValueError(f"dataset_size must be non-negative, got {dataset_size}")
+        self.dataset_size = int(dataset_size)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+
+    def _per_rank(self, world: int) -> int:
+        return math.ceil(self.dataset_size / world)
+
+    def __len__(self) -> int:
+        world, _ = _dist_info(self.num_replicas, self.rank)
+        per_rank = self._per_rank(world)
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def rank_indices(self, epoch: int, world: int, rank: int) -> list[int]:
+        """This rank's ``ceil(n / W)`` indices of ``epoch``, exactly as ``DistributedSampler`` lists them."""
+        n = self.dataset_size
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
         else:
-            epoch, done = self.epoch, 0
-        if batches is not None:
-            done = int(batches)
-        return {"epoch": int(epoch), "batches": int(done), "num_batches": len(self), **self._setup()}
+            order = list(range(n))
+        total = self._per_rank(world) * world
+        if n and total > n:  # pad with the order's head (repeated when the padding is longer than the data)
+            order += (order * math.ceil((total - n) / n))[: total - n]
+        return order[rank:total:world]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue ``state``'s epoch after its ``batches`` batches at the next ``__iter__``.
+    def _batches(self, epoch: int, world: int, rank: int, skip: int) -> Iterator[list[int]]:
+        mine = self.rank_indices(epoch, world, rank)
+        for b in range(skip, len(self)):
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size]
 
-        Sets the epoch (and tells the epoch listeners, so the dataset's augmentation follows before any sample is
-        loaded). A finished epoch resumes at the start of the next one. A different setup warns and restarts the
-        epoch from its first batch, or raises ``ValueError`` with ``strict_resume``.
-        """
-        missing = [k for k in ("epoch", "batches", *_SETUP_KEYS) if k not in state]
-        if missing:
-            raise ValueError(f"batch sampler state lacks {missing}: not a MultiSourceBatchSampler state_dict")
-        epoch, done = int(state["epoch"]), int(state["batches"])
-        mine = self._setup()
-        diff = {k: (state[k], mine[k]) for k in _SETUP_KEYS if _plain(state[k]) != _plain(mine[k])}
-        if diff:
-            what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
-            if self.strict_resume:
-                raise ValueError(f"cannot resume the training data order of epoch {epoch} ({what})")
-            log.warning(
-                "training data setup differs from the checkpoint's (%s): epoch %d restarts from its first batch "
-                "instead of continuing after batch %d",
-                what,
-                epoch,
-                done,
-            )
-            done = 0
-        if done >= len(self):  # the checkpoint was taken after the epoch's last batch
-            epoch, done = epoch + 1, 0
-        self.set_epoch(epoch)
-        self._resume = (epoch, done) if done > 0 else None
-        self._position = None
+    def _setup(self) -> dict[str, Any]:
+        world, _ = _dist_info(self.num_replicas, self.rank)
+        return {
+            "dataset_size": self.dataset_size,
+            "batch_size": self.batch_size,
+            "world_size": world,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
+
+
+def fit_loop_epoch(trainer: Any) -> int:
+    """The epoch ``trainer``'s fit loop is about to run (what it passes to ``set_epoch``); 0 without a trainer."""
+    progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+    return int(progress.current.processed) if progress is not None else 0
 
 
 def _plain(v: Any) -> Any:
@@ -280,19 +408,22 @@ class _CountingIterator:
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`MultiSourceBatchSampler` whose position Lightning checkpoints and restores.
+    """A DataLoader over a :class:`ResumableBatchSampler` whose position Lightning checkpoints and restores.
 
     Lightning 2.x saves ``state_dict()`` of every train dataloader that has ``state_dict``/``load_state_dict`` and,
     on a mid-epoch resume, calls ``load_state_dict`` before it creates the epoch's iterator. ``batches`` counts the
     batches taken from this loader's iterator (in the main process, so worker prefetching does not inflate it;
     Lightning's fetcher does not prefetch a sized loader, so that is what the loop consumed). Same arguments as
-    ``DataLoader``; ``batch_sampler`` must be a :class:`MultiSourceBatchSampler`.
+    ``DataLoader``; ``batch_sampler`` must be a :class:`ResumableBatchSampler` (multi-source or sharded).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.batch_sampler, MultiSourceBatchSampler):
-            raise TypeError(f"ResumableDataLoader needs a MultiSourceBatchSampler, got {type(self.batch_sampler)}")
+        if not isinstance(self.batch_sampler, ResumableBatchSampler):
+            raise TypeError(
+                "ResumableDataLoader needs a ResumableBatchSampler (MultiSourceBatchSampler, ShardedBatchSampler), "
+                f"got {type(self.batch_sampler)}"
+            )
         self._taken = 0
         self._iter_base: int | None = None  # the sampler's iter_id when this loader's latest iteration began
 
@@ -302,7 +433,7 @@ class ResumableDataLoader(DataLoader):
         return _CountingIterator(super().__iter__(), self)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler: MultiSourceBatchSampler = self.batch_sampler
+        sampler: ResumableBatchSampler = self.batch_sampler
         if self._iter_base is not None and sampler.iter_id > self._iter_base:
             # the sampler's running iteration is ours: its epoch, its resume offset plus what the consumer took
             state = sampler.state_dict(batches=sampler.iter_start + self._taken)
