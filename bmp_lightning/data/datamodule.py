@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
 from bmp_lightning.data.readers import read_detections, read_source
 from bmp_lightning.data.records import PersonRecord
-from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader
+from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader, fit_loop_epoch
 from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class PoseDataModule(L.LightningDataModule):
         # Lightning creates the first iterator (and workers draw indices) before it calls set_epoch, so a fresh
         # sampler must already hold the loop's epoch: a run resumed at epoch e > 0 would otherwise draw epoch 0's
         # order. A mid-epoch resume then restores the exact position (ResumableDataLoader.load_state_dict).
-        epoch = self._fit_epoch()
+        epoch = fit_loop_epoch(getattr(self, "trainer", None))
         if epoch:
             sampler.set_epoch(epoch)
         return ResumableDataLoader(
@@ -323,12 +323,6 @@ class PoseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             worker_init_fn=seed_worker,
         )
-
-    def _fit_epoch(self) -> int:
-        """The epoch the attached trainer's fit loop is about to run (what it passes to ``set_epoch``), else 0."""
-        fit_loop = getattr(getattr(self, "trainer", None), "fit_loop", None)
-        progress = getattr(fit_loop, "epoch_progress", None)
-        return int(progress.current.processed) if progress is not None else 0
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_sets_info:
