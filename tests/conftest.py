@@ -43,6 +43,18 @@ def _few_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (model-heavy test modules opt in with ``pytestmark``): on a shared 2-core machine OpenMP
+    barriers under oversubscription cost 10-100x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_pose_data_dir(tmp_path_factory) -> Path:
     """A `paths.data_dir` holding the smoke experiment's synthetic dataset (16 images, generated once per session).

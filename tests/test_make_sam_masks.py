@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import segmentation_to_mask
@@ -15,13 +14,7 @@ from bmp_lightning.data.readers import mpii_box, read_coco_keypoints, read_mpii
 from bmp_lightning.loop.segmenter import Sam2Segmenter
 from bmp_lightning.tools import make_sam_masks as tool
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 class Counting:

@@ -43,6 +43,7 @@ import numpy as np
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.tools import parse_key_values
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_detections")
@@ -281,16 +282,6 @@ def make_detections(
     return stats
 
 
-def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {a!r}\n{__doc__}")
-        args[key.lstrip("-").replace("-", "_")] = value
-    return args
-
-
 def _flag(value: str, key: str) -> bool:
     v = value.strip().lower()
     if v not in ("1", "true", "yes", "0", "false", "no"):
@@ -303,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     from bmp_lightning.loop.build import load_detector
     from bmp_lightning.loop.evaluate import resolve_device
 
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"ann", "images", "detector", "out", "device", "score_thr", "max_images", "segm", "input_size",
                "batch_size", "overwrite"}  # fmt: skip
     if bad := sorted(set(args) - allowed):

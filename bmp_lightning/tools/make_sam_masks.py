@@ -36,6 +36,7 @@ from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.data.readers import mpii_box
 from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.tools import parse_key_values
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_sam_masks")
@@ -186,23 +187,13 @@ def make_sam_masks(
     return stats
 
 
-def _parse(argv: Sequence[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {a!r}\n{__doc__}")
-        args[key.lstrip("-").replace("-", "_")] = value
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """CLI (see the module docstring)."""
     from bmp_lightning.loop.build import load_segmenter
     from bmp_lightning.loop.evaluate import resolve_device
     from bmp_lightning.loop.segmenter import DEFAULT_SAM2
 
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"ann", "images", "out", "format", "sam", "device", "mask_format", "every", "local_files_only"}
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from bmp_lightning.bmp import alias_data_overrides
@@ -28,13 +27,7 @@ from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEval
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the CI machine has 2 shared cores; OpenMP under oversubscription is much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def compose_bmp(overrides: list[str]):

@@ -15,14 +15,7 @@ from bmp_lightning.detector import MEAN_BGR, STD_BGR, Detector, resize_pad, rtmd
 from bmp_lightning.interop.mmdet import to_mmdet
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, rtmdet_ins_tiny
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers under oversubscription cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 BOX_HALF = 1.5  # box half-size in strides (rtm_reg bias)

@@ -16,14 +16,7 @@ from bmp_lightning.interop.mmdet import (
 )
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_tiny
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers under oversubscription cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -11,14 +11,7 @@ import torch
 from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_l
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP barriers under oversubscription cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 NUM_PARAMS_L = 57_365_663  # mm_architectures.md B9 (README: 57.37 M)
