@@ -5,6 +5,7 @@ resumable), its ResumableDataLoader, and a Lightning fit of InstSegDataModule re
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bmp_lightning.data.instseg_datamodule import InstSegDataModule, InstSegPipelineSwitch
 from bmp_lightning.data.samplers import ResumableDataLoader, ShardedBatchSampler
+from tests.data.resume_helpers import Killed, StopAt, assert_resumes_like_uninterrupted
 
 N = 23  # 12 per rank of 2 (one padded), batches of 5: [5, 5, 2]
 
@@ -146,32 +148,7 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _StopAt(L.Callback):
-    """Save a checkpoint after global step ``step`` and stop at once (a kill after a last.ckpt write); ``epoch_end``:
-    save in ``on_train_epoch_end`` of the epoch that ends with that step instead."""
-
-    def __init__(self, step: int, path: Path, epoch_end: bool = False) -> None:
-        self.step, self.path, self.epoch_end = step, path, epoch_end
-
-    def _stop(self, trainer) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            raise _Killed
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.epoch_end:
-            self._stop(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.epoch_end:
-            self._stop(trainer)
-
-
-def _fit(root: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, stop: _StopAt | None = None):
+def _fit(root: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, stop: StopAt | None = None):
     torch.set_num_threads(1)
     dm = InstSegDataModule(
         train_ann="annotations/instances_train.json",
@@ -203,7 +180,7 @@ def _fit(root: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, stop
     )
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    except _Killed:
+    except Killed:
         assert stop is not None
     return model.seen, trainer
 
@@ -223,12 +200,4 @@ def test_lightning_resume_mid_epoch_continues_order_augmentation_and_stage(
     # on_train_epoch_start on the resume)
     cases = [(2, False, (0, 2)), (per_epoch, False, (0, per_epoch)), (per_epoch, True, (0, per_epoch))]
     cases.append((per_epoch + 2, False, (1, 2)))
-    for step, epoch_end, saved in cases:
-        ckpt = tmp_path / f"stop{step}_{epoch_end}.ckpt"
-        head, _ = _fit(syn_root, tmp_path, num_workers, stop=_StopAt(step, ckpt, epoch_end))
-        assert head == full[:step]
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["loops"]["fit_loop"]["state_dict"]
-        assert [(s["epoch"], s["batches"]) for s in state["combined_loader"]] == [saved]
-        tail, _ = _fit(syn_root, tmp_path, num_workers, ckpt=ckpt)
-        # same epochs, batch_idx, images, stage, instances and augmented pixels as the uninterrupted run
-        assert tail == full[step:], (step, epoch_end)
+    assert_resumes_like_uninterrupted(partial(_fit, syn_root, tmp_path, num_workers), full, cases, tmp_path)

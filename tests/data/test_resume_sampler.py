@@ -4,6 +4,7 @@ checkpoint taken mid-epoch (data order, augmentation and batch_idx equal to an u
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader
+from tests.data.resume_helpers import Killed, StopAt, assert_resumes_like_uninterrupted
 
 SIZES = [37, 11, 23]
 
@@ -137,31 +139,6 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _StopAt(L.Callback):
-    """Save a checkpoint after global step ``step`` and stop at once (what a kill after a last.ckpt write leaves);
-    ``epoch_end``: save in ``on_train_epoch_end`` of the epoch that ends with that step instead."""
-
-    def __init__(self, step: int, path: Path, epoch_end: bool = False) -> None:
-        self.step, self.path, self.epoch_end = step, path, epoch_end
-
-    def _stop(self, trainer) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            raise _Killed  # like a kill: nothing after this runs
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.epoch_end:
-            self._stop(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.epoch_end:
-            self._stop(trainer)
-
-
 def _datamodule(data_dir: Path, num_workers: int):
     from bmp_lightning.data.datamodule import PoseDataModule
 
@@ -182,7 +159,7 @@ def _datamodule(data_dir: Path, num_workers: int):
     )
 
 
-def _fit(data_dir: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, stop: _StopAt | None = None):
+def _fit(data_dir: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, stop: StopAt | None = None):
     torch.set_num_threads(1)
     model = _Recorder()
     trainer = L.Trainer(
@@ -199,7 +176,7 @@ def _fit(data_dir: Path, tmp: Path, num_workers: int, ckpt: Path | None = None, 
     )
     try:
         trainer.fit(model, datamodule=_datamodule(data_dir, num_workers), ckpt_path=ckpt)
-    except _Killed:
+    except Killed:
         assert stop is not None
     return model.seen, trainer
 
@@ -217,12 +194,6 @@ def test_lightning_resume_mid_epoch_continues_the_data_order(
     # state is loaded then: the datamodule hands the loop's epoch to the fresh sampler); mid-epoch 1
     cases = [(2, False, (0, 2)), (per_epoch, False, (0, per_epoch)), (per_epoch, True, (0, per_epoch))]
     cases.append((per_epoch + 1, False, (1, 1)))
-    for step, epoch_end, saved in cases:
-        ckpt = tmp_path / f"stop{step}_{epoch_end}.ckpt"
-        head, _ = _fit(synthetic_pose_data_dir, tmp_path, num_workers, stop=_StopAt(step, ckpt, epoch_end))
-        assert head == full[:step]
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["loops"]["fit_loop"]["state_dict"]
-        assert [(s["epoch"], s["batches"]) for s in state["combined_loader"]] == [saved]
-        tail, _ = _fit(synthetic_pose_data_dir, tmp_path, num_workers, ckpt=ckpt)
-        # same epochs, batch_idx, instances and augmented pixels as the uninterrupted run
-        assert tail == full[step:], (step, epoch_end)
+    assert_resumes_like_uninterrupted(
+        partial(_fit, synthetic_pose_data_dir, tmp_path, num_workers), full, cases, tmp_path
+    )
