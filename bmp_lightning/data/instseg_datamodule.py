@@ -206,17 +206,10 @@ class InstSegDataModule(L.LightningDataModule):
     def _maybe_generate(self) -> None:
         if not self.synthetic:
             return
-        missing = [f for f in (self.train_ann, self.val_ann) if f and not os.path.isfile(f)]
-        if not missing:
-            return
-        from bmp_lightning.data.synthetic import generate
+        from bmp_lightning.data.synthetic import generate_if_missing
 
-        cfg = dict(self.synthetic)
-        out_dir = self._path(cfg.pop("out_dir", None)) or self.root
-        if not out_dir:
-            raise ValueError("data.synthetic needs an out_dir (or data.root)")
-        log.info("generating the synthetic dataset in %s (missing: %s)", out_dir, missing[0])
-        generate(out_dir, **cfg)
+        out_dir = self._path(self.synthetic.get("out_dir")) or self.root
+        generate_if_missing(self.synthetic, (self.train_ann, self.val_ann), out_dir, log)
 
     def prepare_data(self) -> None:
         """Rank 0 only: write the synthetic dataset if it is configured and missing."""

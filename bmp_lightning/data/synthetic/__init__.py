@@ -15,9 +15,10 @@ from bmp_lightning.data.synthetic.figure import (
     sample_figure,
 )
 from bmp_lightning.data.synthetic.scene import Scene, keypoint_visibility, render_background, render_scene, sample_scene
-from bmp_lightning.data.synthetic.writer import generate, main, mpii_center_scale
+from bmp_lightning.data.synthetic.writer import generate, generate_if_missing, main, mpii_center_scale
 
 __all__ = [
+    "generate_if_missing",
     "Appearance",
     "Figure",
     "Raster",

@@ -282,6 +282,24 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def generate_if_missing(synthetic: Any, needed_files: Any, out_dir: str | Path | None, logger: Any = None) -> bool:
+    """A DataModule's ``data.synthetic`` settings: :func:`generate` them into ``out_dir`` when any of
+    ``needed_files`` (falsy entries ignored) is missing. Returns whether it generated. ``synthetic``'s own
+    ``out_dir`` key is the caller's to resolve (pass the result as ``out_dir``)."""
+    if not synthetic:
+        return False
+    missing = [f for f in needed_files if f and not Path(f).is_file()]
+    if not missing:
+        return False
+    if not out_dir:
+        raise ValueError("data.synthetic needs an out_dir (or data.root)")
+    cfg = {k: v for k, v in dict(synthetic).items() if k != "out_dir"}
+    if logger is not None:
+        logger.info("generating the synthetic dataset in %s (missing: %s)", out_dir, missing[0])
+    generate(out_dir, **cfg)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """CLI: ``python -m bmp_lightning.data.synthetic out=DIR n_images=N seed=S [val_fraction=F] [key=value ...]``."""
     import sys
