@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from bmp_lightning.interop.checkpoint import LoadReport, UnsafeCheckpointError, load_state_dict_report, safe_load
+from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger("bmp_lightning.convert")
 
@@ -232,12 +233,7 @@ def _parse_bool(key: str, value: str) -> bool | None:
 
 def main(argv: Sequence[str] | None = None) -> ConvertResult:
     """``key=value`` command line (see the module docstring); exits with a one-line error on bad input."""
-    args: dict[str, str] = {}
-    for a in sys.argv[1:] if argv is None else argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value pairs, got {a!r}\n{__doc__}")
-        args[key.lstrip("-").replace("-", "_")] = value
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"src", "out", "kind", "use_mask", "num_classes", "num_heads", "strict", "allow_objects"}
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")

@@ -42,6 +42,7 @@ from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
 from bmp_lightning.metrics.oks import default_sigmas, oks_nms
+from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger(__name__)
 
@@ -322,19 +323,9 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _parse_args(argv: Sequence[str]) -> dict[str, str]:
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value pairs, got {a!r}\n{__doc__}")
-        args[key.lstrip("-").replace("-", "_")] = value
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Score a keypoint results json against a ground truth (see the module docstring); returns the metrics."""
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"gt", "results", "dataset", "nms", "nms_thr", "keypoint_score_thr", "use_area", "out"}
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")

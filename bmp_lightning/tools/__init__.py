@@ -1,17 +1,1 @@
 """Command-line tools: SAM masks for training annotations, detection files, the virtuous-circle driver."""
-
-from __future__ import annotations
-
-from collections.abc import Sequence
-
-
-def parse_key_values(argv: Sequence[str], usage: str) -> dict[str, str]:
-    """``key=value`` command-line arguments -> dict (``--key=value`` and dashes in keys accepted); anything else exits
-    with ``usage``."""
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {a!r}\n{usage}")
-        args[key.lstrip("-").replace("-", "_")] = value
-    return args

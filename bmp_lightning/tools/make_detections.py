@@ -43,7 +43,7 @@ import numpy as np
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.records import BadSampleError
-from bmp_lightning.tools import parse_key_values
+from bmp_lightning.utils.cli import parse_key_values
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_detections")
