@@ -309,12 +309,14 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
             )  # fmt: skip
         t_start = time.perf_counter()
         local: list[ImageResult] = []
+        # images this rank could not use, as {"index", "image_id", "reason"} (reported per rank in info.json)
+        skipped: list[dict] = []
         for n in _progress(mine, f"BMP {split.name}", disable=not ctx.is_main):
             info = images[n]
             vis_path = vis_dir / f"{int(info['id']):012d}.png" if n < num_vis else None
             local.append(evaluate_image(bmp, split, info, n, det_score, box_from_mask, vis_path))
         wall = time.perf_counter() - t_start
-        parts = ctx.gather({"rank": ctx.rank, "results": local, "wall_seconds": wall})
+        parts = ctx.gather({"rank": ctx.rank, "results": local, "skipped": skipped, "wall_seconds": wall})
         if not ctx.is_main:
             return {}
         metrics = score_bmp_results(cfg, split, gt, images, parts, bmp.cfg.num_iters, results_dir)
@@ -340,8 +342,11 @@ def score_bmp_results(
     from bmp_lightning.utils.run import atomic_write_json
 
     results = sorted((r for part in parts for r in part["results"]), key=lambda r: r.index)
-    if [r.index for r in results] != list(range(len(images))):
-        raise RuntimeError(f"BMP job: gathered {len(results)} image results for {len(images)} images")
+    skipped = {s["index"] for part in parts for s in part.get("skipped", [])}
+    if [r.index for r in results] != [i for i in range(len(images)) if i not in skipped]:
+        raise RuntimeError(
+            f"BMP job: gathered {len(results)} image results + {len(skipped)} skipped for {len(images)} images"
+        )
     gt_file = split.ann_file
     if len(images) < len(gt["images"]):
         gt_file = write_json_atomic(results_dir / "gt.json", subset_ground_truth(gt, images))
@@ -379,7 +384,9 @@ def score_bmp_results(
     metrics.update({f"bmp/time/{key}": times.get(key, 0.0) / n_img for key in TIMING_KEYS})
     # a run that silently did not shard shows world_size 1 / every image on rank 0
     metrics["bmp/dist/world_size"] = float(len(parts))
-    metrics.update({f"bmp/dist/rank{p['rank']}/images": float(len(p["results"])) for p in parts})
+    for p in parts:
+        metrics[f"bmp/dist/rank{p['rank']}/images"] = float(len(p["results"]))
+        metrics[f"bmp/dist/rank{p['rank']}/skipped"] = float(len(p.get("skipped", [])))
     atomic_write_json(
         results_dir / "info.json",
         {
@@ -393,7 +400,13 @@ def score_bmp_results(
             "wall_seconds": max(p["wall_seconds"] for p in parts),
             "world_size": len(parts),
             "ranks": [
-                {"rank": p["rank"], "images": len(p["results"]), "wall_seconds": p["wall_seconds"]} for p in parts
+                {
+                    "rank": p["rank"],
+                    "images": len(p["results"]),
+                    "skipped": p.get("skipped", []),
+                    "wall_seconds": p["wall_seconds"],
+                }
+                for p in parts
             ],  # fmt: skip
         },
     )

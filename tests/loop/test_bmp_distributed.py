@@ -65,7 +65,8 @@ def test_two_processes_equal_one(job_args: list[str], tmp_path: Path) -> None:
     # random tiny models: pose AP is 0, a few random boxes hit (bbox AP50 > 0)
     assert len(scores) == 2 * (10 + 2 * 12) and m1["bmp/iter2/synthetic/bbox_AP50"] > 0.0
     assert {k: m2[k] for k in scores} == {k: m1[k] for k in scores}, "metrics.json differs from the one-process run"
-    assert set(m2) == set(m1) | {"bmp/dist/rank1/images"}
+    assert set(m2) == set(m1) | {"bmp/dist/rank1/images", "bmp/dist/rank1/skipped"}
+    assert m2["bmp/dist/rank0/skipped"] == m2["bmp/dist/rank1/skipped"] == 0
     assert (m1["bmp/dist/world_size"], m1["bmp/dist/rank0/images"]) == (1, 3)
     assert (m2["bmp/dist/world_size"], m2["bmp/dist/rank0/images"], m2["bmp/dist/rank1/images"]) == (2, 2, 1)
     # the result files are byte-identical: rank 0 scores the gathered images in the split's order
@@ -74,7 +75,7 @@ def test_two_processes_equal_one(job_args: list[str], tmp_path: Path) -> None:
             name = f"iter{k}.{kind}.json"
             assert (two / "results" / name).read_bytes() == (one / "results" / name).read_bytes(), name
     info = json.loads((two / "results" / "info.json").read_text())
-    assert info["world_size"] == 2 and [r["images"] for r in info["ranks"]] == [2, 1]
+    assert info["world_size"] == 2 and [(r["images"], r["skipped"]) for r in info["ranks"]] == [(2, []), (1, [])]
     # the first 2 images' pictures, one drawn by each rank, in rank 0's run dir
     assert sorted(p.name for p in (two / "vis").iterdir()) == sorted(p.name for p in (one / "vis").iterdir())
     assert len(list((two / "vis").iterdir())) == 2
