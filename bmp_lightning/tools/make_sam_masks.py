@@ -16,10 +16,16 @@ Output: the input json with ``segmentation`` (compressed RLE with a string ``cou
 ``read_coco_keypoints`` read it. Entries that already have a ``segmentation`` or a ``sam_score`` are left as they
 are, so a rerun resumes (the output file is the progress record: it is rewritten atomically every ``every``
 images and at the end). ``out`` defaults to BMP's naming: ``mpii_train.json`` -> ``mpii_sam_train.json``.
+
+Many GPUs (SAM on ~420k MPII + AIC people): ``torchrun --nproc_per_node=N -m bmp_lightning.tools.make_sam_masks ...
+device=cuda`` (or ``srun``) shards the images left to do over the ranks; rank ``r`` appends each finished image's
+masks to ``<out>.partial.rank<r>.jsonl`` and rank 0 merges every sidecar into ``out`` (atomically, the same file as
+one process writes) once all ranks are done. A killed run resumes with any number of processes (sidecars included).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -37,6 +43,7 @@ from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.data.readers import mpii_box
 from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.distributed import DistContext
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_sam_masks")
@@ -56,6 +63,55 @@ def default_out(ann: str | os.PathLike) -> Path:
     p = Path(ann)
     head, sep, tail = p.stem.partition("_")
     return p.with_name(f"{head}_sam_{tail}.json" if sep else f"{p.stem}_sam.json")
+
+
+def partial_path(out: str | os.PathLike, rank: int) -> Path:
+    """Rank ``rank``'s progress sidecar of a distributed run: ``<out>.partial.rank<r>.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial.rank{rank}.jsonl")
+
+
+def all_partials(out: str | os.PathLike) -> list[Path]:
+    out = Path(out)
+    return sorted(out.parent.glob(glob.escape(out.name) + ".partial.rank*.jsonl"))
+
+
+def _read_partial(path: Path, settings: dict, repair: bool) -> list[dict]:
+    """The image records of a sidecar; a torn last line (killed write) is ignored, and cut off with ``repair``."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1].strip():
+        log.warning("%s: dropping an incomplete last line (an interrupted write)", path)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+    records = []
+    for n, line in enumerate(lines[:-1]):
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            raise BadSampleError(f"{path}, line {n + 1}: not valid json ({err}); delete it to start over") from err
+        if n == 0:
+            if rec.get("settings") != settings:
+                raise BadSampleError(
+                    f"{path}: progress of a run with other settings ({rec.get('settings')}, now {settings}); "
+                    "delete it to start over or rerun with the same settings"
+                )
+            continue
+        records.append(rec)
+    return records
+
+
+def apply_partials(entries: list[dict], out: Path, settings: dict, repair: bool = False) -> int:
+    """Put the masks of every sidecar of ``out`` into ``entries``; the number of people set."""
+    n = 0
+    for path in all_partials(out):
+        for rec in _read_partial(path, settings, repair):
+            for m in rec["masks"]:
+                entries[m["index"]]["segmentation"] = m["segmentation"]
+                entries[m["index"]]["sam_score"] = m["sam_score"]
+                n += 1
+    return n
 
 
 def is_done(entry: dict) -> bool:
@@ -117,6 +173,7 @@ def make_sam_masks(
     mask_format: str = "rle",
     every: int = 50,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> dict[str, int]:
     """Add SAM masks to the annotations ``ann`` (images under ``images``) and write ``out``; resumes from ``out``.
 
@@ -125,7 +182,8 @@ def make_sam_masks(
             (called only when some person still needs a mask).
         fmt: ``mpii`` (MMPose list json), ``coco`` (COCO-format keypoints json: AIC), ``auto`` (by the json type).
         mask_format: ``rle`` (exact) or ``polygon`` (outer contours, as COCO polygons).
-        every: rewrite ``out`` after this many images (the progress checkpoint).
+        every: rewrite ``out`` after this many images (the progress checkpoint; distributed: fsync the sidecar).
+        dist: the rank of a torchrun / srun launch: images sharded over the ranks, per-rank sidecars merged by rank 0.
 
     Returns:
         counts: ``people`` (in the file), ``done_before`` (already with a mask), ``new`` (segmented now), ``images``
@@ -134,6 +192,8 @@ def make_sam_masks(
     ann, out = Path(ann), Path(out) if out is not None else default_out(ann)
     if mask_format not in ("rle", "polygon"):
         raise ValueError(f"mask_format must be 'rle' or 'polygon', got {mask_format!r}")
+    dist = dist or DistContext()
+    dist.barrier()  # a rank may read `out` only once rank 0 has decided on it (previous runs' files)
     source = out if out.is_file() else ann
     with open(source) as f:
         try:
@@ -149,19 +209,62 @@ def make_sam_masks(
     if source == out:
         log.info("resuming from %s", out)
     entries = doc if fmt == "mpii" else doc["annotations"]
+    settings = {"ann": ann.name, "format": fmt, "mask_format": mask_format}
+    # masks of an interrupted distributed run (rank 0 first cuts torn lines, then every rank reads the same files)
+    error, resumed = None, 0
+    if dist.is_main:
+        try:
+            resumed = apply_partials(entries, out, settings, repair=True)
+        except BadSampleError as err:
+            error = str(err)
+    error = dist.broadcast(error)
+    if error:
+        raise BadSampleError(error)
+    if not dist.is_main:
+        apply_partials(entries, out, settings)
     jobs = collect_jobs(doc, fmt, str(source))
     stats = {"people": len(entries), "done_before": len(entries) - sum(len(v[1]) for v in jobs.values()), "new": 0}
     stats["images"] = 0
-    names = sorted(jobs)
+    names = dist.shard(sorted(jobs))
     if names and segmenter is None:
         raise ValueError("make_sam_masks needs a segmenter for the people without a mask")
     if names and not hasattr(segmenter, "set_image"):
         segmenter = segmenter()  # a loader: SAM is loaded only when there is work left
     bar = names
-    if progress:
+    sidecar = None
+    if dist.distributed:
+        sidecar = open(partial_path(out, dist.rank), "a")  # noqa: SIM115 - closed below, also on errors
+        if sidecar.tell() == 0:
+            sidecar.write(json.dumps({"settings": settings}) + "\n")
+    if progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(names, desc=f"SAM masks {ann.name}", unit="img", dynamic_ncols=True)
+    try:
+        _segment(names, bar, jobs, images, ann, fmt, mask_format, segmenter, stats, every, out, doc, sidecar)
+    finally:
+        if sidecar is not None:
+            sidecar.close()
+    counts = dist.gather((stats["new"], stats["images"]))
+    dist.barrier()  # every rank's sidecar is complete
+    if not dist.is_main:
+        return stats
+    stats["new"], stats["images"] = (sum(c) for c in zip(*counts))
+    if dist.distributed:
+        stats["new_per_rank"] = [c[0] for c in counts]
+        apply_partials(entries, out, settings)
+    if names or stats["new"] or resumed or not out.is_file():
+        atomic_write_json(out, doc)
+    for path in all_partials(out):
+        path.unlink()
+    log.info("%s: %d people, %d had a mask, %d segmented now (%d images) -> %s", ann, stats["people"],
+             stats["done_before"], stats["new"], stats["images"], out)  # fmt: skip
+    return stats
+
+
+def _segment(names, bar, jobs, images, ann, fmt, mask_format, segmenter, stats, every, out, doc, sidecar) -> None:
+    """SAM on this rank's images: masks into the entries (one process: ``out`` rewritten every ``every`` images),
+    or appended to the rank's ``sidecar``."""
     for n, name in enumerate(bar):
         _, todo = jobs[name]
         image = read_image(Path(images) / name, where=f"{ann}, {len(todo)} people")
@@ -178,13 +281,15 @@ def make_sam_masks(
             e["sam_score"] = round(float(s), 4)
         stats["new"] += len(todo)
         stats["images"] += 1
-        if every > 0 and (n + 1) % every == 0 and n + 1 < len(names):
+        if sidecar is not None:
+            rec = {"image": name, "masks": [{"index": i, "segmentation": e["segmentation"],
+                                             "sam_score": e["sam_score"]} for i, e in todo]}  # fmt: skip
+            sidecar.write(json.dumps(rec) + "\n")
+            sidecar.flush()
+            if every > 0 and (n + 1) % every == 0:
+                os.fsync(sidecar.fileno())
+        elif every > 0 and (n + 1) % every == 0 and n + 1 < len(names):
             atomic_write_json(out, doc)  # progress checkpoint: a rerun skips what is written here
-    if names or not out.is_file():
-        atomic_write_json(out, doc)
-    log.info("%s: %d people, %d had a mask, %d segmented now (%d images) -> %s", ann, stats["people"],
-             stats["done_before"], stats["new"], stats["images"], out)  # fmt: skip
-    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
@@ -201,7 +306,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         raise SystemExit(f"ann=<json> and images=<dir> are required\n{__doc__}")
     local = args.get("local_files_only", "false").lower() in ("1", "true", "yes")
     opts = {"local_files_only": local} if args.get("sam", DEFAULT_SAM2) != "tiny_random" else {}
+    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
+
     device = resolve_device(args.get("device", "cpu"))
+    dist = init_distributed(device)  # torchrun / srun: one shard of the images per rank
+    device = device_for_rank(device, dist.local_rank)
     segmenter = lambda: load_segmenter(args.get("sam", DEFAULT_SAM2), device, **opts)  # noqa: E731
     try:
         return make_sam_masks(
@@ -212,9 +321,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
             fmt=args.get("format", "auto"),
             mask_format=args.get("mask_format", "rle"),
             every=int(args.get("every", 50)),
+            dist=dist,
         )
     except (BadSampleError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":
