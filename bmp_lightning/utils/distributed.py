@@ -11,6 +11,7 @@ a no-op (world size 1).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -90,9 +91,10 @@ def launcher_environment():
 
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
-    if SLURMEnvironment.detect():
-        env = SLURMEnvironment()
-        return env if env.world_size() > 1 else None
+    # an srun step of several tasks (SLURM_STEP_NUM_TASKS is srun's; Lightning's own detect() would also accept a
+    # multi-task sbatch script run without srun, whose single process would then wait for ranks that never come)
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return SLURMEnvironment()
     return None
 
 
