@@ -7,9 +7,9 @@ Sections (each timed, each failure recorded in the JSON instead of ending the ru
 * ``pose_train``: ViTPose-B (21 keypoints) training steps, bf16 autocast, batch 64, on synthetic tensors: samples/s,
   peak memory, FLOPs per sample measured by ``torch.utils.flop_counter`` (forward + backward), model FLOP
   utilisation (MFU) against the GPU's dense bf16 peak;
-* ``pose_train_data``: the same network trained by Lightning (``trainer=gpu``: bf16-mixed) from the real data path,
-  JPEGs decoded by the DataModule's workers (the sample images beside the project, else generated synthetic ones):
-  samples/s and the share of the step time spent waiting for the next batch (is the GPU waiting on data?);
+* ``pose_train_data``: MaskPose-B trained by Lightning (``trainer=gpu``: bf16-mixed) through the real data path: JPEG
+  files (synthetic crowds written to disk first) decoded, masked and warped by the DataModule's workers: samples/s
+  and the share of the step time spent waiting for the next batch (is the GPU waiting on data?);
 * ``pose_estimator``: ``PoseEstimator`` (ViT-B, flip test, masks) crops/s on CUDA, and its heatmaps / keypoints
   against the same network on CPU;
 * ``detector``: ``Detector`` (RTMDet-Ins-L, 640) s/img on CUDA, and the raw head outputs against CPU;
@@ -157,14 +157,14 @@ def check_pose_train_data(device: str, tiny: bool, steps: int, batch: int, worke
     import hydra
     from hydra import compose, initialize_config_dir
 
-    shared = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        if (shared / "data" / "coco").is_dir() and not tiny:
-            data = ["data=sample", f"data.root={shared / 'data'}"]
-            source = f"real sample JPEGs ({shared.name}/data: COCO, MPII, AIC)"
-        else:
-            data = ["data=synthetic", f"data.root={tmp}/synthetic", "data.synthetic.n_images=24"]
-            source = "generated synthetic JPEGs"
+        # JPEG files on disk, decoded and transformed by the DataModule's workers; enough people for one epoch of all
+        # the timed steps (~4 people per image, each source of the 3 takes a third of a batch), so that the workers
+        # keep prefetching instead of restarting at an epoch boundary
+        n_images = int(6.5 * (steps + 4) * batch / 64) + 10
+        data = ["data=synthetic", f"data.root={tmp}/synthetic", f"data.synthetic.n_images={n_images}",
+                "data.synthetic.val_fraction=0.05", "data.persistent_workers=true"]  # fmt: skip
+        source = f"synthetic JPEGs on disk ({n_images} images, generated first)"
         overrides = [
             *data, "model=vitpose_tiny" if tiny else "model=maskpose_b", "model.init_weights=null",
             "model.use_mask=true", "data.use_mask=true", f"data.batch_size={batch}", f"data.num_workers={workers}",
