@@ -29,6 +29,7 @@ def job_args(tmp_path_factory) -> list[str]:
     return [
         "data=synthetic", f"data.root={root}", f"detector={ckpts['detector']}", f"pose={ckpts['pose']}",
         "sam=tiny_random", "detector_opts.input_size=320", "torch_threads=1", "num_vis=2", "logger=csv",
+        "optimized_metric=bmp/iter2/synthetic/AP",
     ]  # fmt: skip
 
 
