@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from bmp_lightning.data.instseg_transforms import Compose
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import segmentation_to_mask
+from bmp_lightning.data.readers import check_image_entry
 from bmp_lightning.data.records import BadSampleError, SkipLog
 from bmp_lightning.utils.common import dist_world
 
@@ -115,14 +116,40 @@ class InstSegDataset(Dataset):
 
         per_image: dict[int, list[tuple[list[float], int, Any, int]]] = {}
         has_cat: set[int] = set()
-        images = {}
-        for img in doc["images"]:
-            images[img["id"]] = img
-            per_image[img["id"]] = []
-        for ann in doc["annotations"]:
+        images: dict[int, dict] = {}
+        skipped: dict[int, str] = {}  # image id -> why (skip_bad_samples)
+        self.entries_skipped: list[str] = []
+        for i, img in enumerate(doc["images"]):
+            try:
+                check_image_entry(img, f"{self.ann_file}, images[{i}]")
+                if img["id"] in images:
+                    raise BadSampleError(f"{self.ann_file}, images[{i}]: id {img['id']} repeats an earlier entry")
+            except BadSampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self.entries_skipped.append(str(err))
+                if isinstance(img, dict) and isinstance(img.get("id"), int):
+                    skipped[img["id"]] = f"images[{i}] skipped"
+                    images.pop(img["id"], None)
+                continue
+            if img["id"] not in skipped:
+                images[img["id"]] = img
+                per_image[img["id"]] = []
+        ann_ids: set[int] = set()
+        for i, ann in enumerate(doc["annotations"]):
             img_id = ann.get("image_id")
-            if img_id not in images:
-                raise BadSampleError(f"{self.ann_file}: annotation id={ann.get('id')} refers to unknown image {img_id}")
+            try:
+                if ann.get("id") is not None and ann["id"] in ann_ids:
+                    raise BadSampleError(f"{self.ann_file}, annotations[{i}]: id={ann['id']} repeats an earlier one")
+                if img_id not in images:
+                    why = skipped.get(img_id, "is unknown")
+                    raise BadSampleError(f"{self.ann_file}: annotation id={ann.get('id')}: image {img_id} {why}")
+            except BadSampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self.entries_skipped.append(str(err))
+                continue
+            ann_ids.add(ann.get("id"))
             cid = ann.get("category_id")
             if cid not in cat2label:
                 continue
@@ -166,6 +193,9 @@ class InstSegDataset(Dataset):
         self._offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
         log.info("%s: %d images, %d classes", self.ann_file, len(records), len(self.cat_ids))
+        if self.entries_skipped:
+            log.warning("skipped %d bad entries in %s (first: %s)", len(self.entries_skipped), self.ann_file,
+                        "; ".join(self.entries_skipped[:5]))  # fmt: skip
 
     @property
     def num_classes(self) -> int:

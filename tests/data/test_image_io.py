@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmp_lightning.data.io import jpeg_end, read_image
+from bmp_lightning.data.io import read_image
 from bmp_lightning.data.records import BadSampleError
 
 COCO_IMAGE = "000000000785.jpg"  # 425 x 640 in the shared COCO sample
@@ -48,6 +48,8 @@ def test_truncated_jpeg_is_refused_not_gray_filled(tmp_path: Path, coco_jpeg: Pa
 
 
 def test_every_cut_of_a_real_jpeg_is_found(coco_jpeg: Path):
+    from bmp_lightning.data.io import jpeg_end
+
     data = coco_jpeg.read_bytes()
     assert jpeg_end(data) == len(data)
     cuts = np.linspace(3, len(data) - 1, 400).astype(int)
