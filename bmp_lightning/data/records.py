@@ -118,3 +118,30 @@ class PersonRecord:
                 raise BadSampleError(f"{self.where()}: image size unknown, cannot decode the mask")
             height, width = self.image_size
         return segmentation_to_mask(self.segmentation, height, width)
+
+
+def skip_summary(datasets: dict[str, Any], read_reports: list[Any] = (), limit: int = 100) -> dict[str, Any]:
+    """What ``skip_bad_samples`` skipped so far, in this process and its DataLoader workers (one rank).
+
+    Returns ``{"entries": n, "samples": n, "per_dataset": {name: n}, "entry_reasons": [str], "sample_list":
+    [{"dataset", "index", "file", "entry", "reason"}]}``: ``entries`` are annotation entries the readers skipped
+    (``ReadReport``), ``samples`` the samples the datasets skipped (:class:`SkipLog`); lists hold the first ``limit``.
+    """
+    reasons = [r for rep in read_reports for r in rep.reasons]
+    entries = sum(rep.skipped for rep in read_reports)
+    per_dataset, sample_list = {}, []
+    for name, ds in datasets.items():
+        if ds is None or not hasattr(ds, "skip_report"):
+            continue
+        reasons += getattr(ds, "entries_skipped", [])  # a dataset that reads its own annotation file
+        entries += len(getattr(ds, "entries_skipped", []))
+        rep = ds.skip_report(limit)
+        per_dataset[name] = rep["skipped"]
+        sample_list += [{"dataset": name, **s} for s in rep["samples"]]
+    return {
+        "entries": entries,
+        "samples": sum(per_dataset.values()),
+        "per_dataset": per_dataset,
+        "entry_reasons": reasons[:limit],
+        "sample_list": sample_list[:limit],
+    }

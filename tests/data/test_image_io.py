@@ -187,3 +187,43 @@ def test_instseg_dataset_truncated_image(tmp_path: Path, coco_jpeg: Path):
     ]  # fmt: skip
     with pytest.raises(BadSampleError, match="truncated JPEG"):  # validation never skips
         InstSegDataset(ann, tmp_path, skip_bad_samples=True, test_mode=True)[1]
+
+
+def test_datamodule_skip_report_through_hydra(tmp_path: Path, sample_data_dir: Path):
+    """``data=sample`` with a truncated COCO image and a repeated annotation id, ``skip_bad_samples=true``, two
+    workers: training and validation finish and ``skip_report()`` counts and names both kinds of bad input."""
+    import shutil
+
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    root = tmp_path / "data"
+    shutil.copytree(sample_data_dir, root)
+    _truncated(sample_data_dir / "coco" / COCO_IMAGE, root / "coco" / COCO_IMAGE, 0.5)
+    gt = json.loads((root / "coco" / "test_coco.json").read_text())
+    dup = dict(gt["annotations"][0], bbox=[1, 1, 30, 30])
+    gt["annotations"].append(dup)  # same id as annotations[0]
+    (root / "coco" / "test_coco.json").write_text(json.dumps(gt))
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=["+paths=default", "+data=sample", f"data.root={root}",
+                                                   "data.skip_bad_samples=true", "data.num_workers=2"])  # fmt: skip
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    assert sum(len(b["img"]) for b in dm.train_dataloader()) > 0
+    (vloader,) = dm.val_dataloader()
+    seen = torch.cat([b["instance_id"] for b in vloader]).tolist()
+    bad_ids = [r.instance_id for r in dm.val_sets_info[0].records if r.image_path.endswith(COCO_IMAGE)]
+    assert bad_ids and not set(bad_ids) & set(seen)
+
+    report = dm.skip_report()
+    # the repeated id, once in the training source and once in the validation set (both read the file)
+    assert report["entries"] == 2 and all(
+        f"id={dup['id']} repeats annotations[0]" in r for r in report["entry_reasons"]
+    )
+    assert report["per_dataset"]["val/coco"] == len(bad_ids)
+    assert 1 <= report["per_dataset"]["train"] <= len(bad_ids)  # the people of that image the sampler drew
+    assert {(s["file"], s["reason"]) for s in report["sample_list"]} == {
+        (str(root / "coco" / COCO_IMAGE), "image unreadable or corrupt")
+    }
+    assert report["samples"] == report["per_dataset"]["train"] + len(bad_ids)

@@ -123,6 +123,7 @@ def test_detections_need_well_formed_ground_truth_images(tmp_path: Path):
 
 def test_instseg_dataset_entries(tmp_path: Path):
     from bmp_lightning.data.instseg_dataset import InstSegDataset
+    from bmp_lightning.data.records import skip_summary
 
     poly = [[5, 5, 25, 5, 25, 35, 5, 35]]
     anns = [dict(_ann(10 + i, i + 1, "coco"), segmentation=poly, area=600.0) for i in range(3)]
@@ -131,6 +132,8 @@ def test_instseg_dataset_entries(tmp_path: Path):
         InstSegDataset(f, tmp_path, min_size=0)
     ds = InstSegDataset(f, tmp_path, min_size=0, skip_bad_samples=True)
     assert ds.image_ids == [1, 3] and len(ds.entries_skipped) == 2
+    summary = skip_summary({"train": ds})
+    assert summary["entries"] == 2 and summary["samples"] == 0 and "no 'width'" in summary["entry_reasons"][0]
     f = _write(tmp_path, [_image(1), _image(1)], anns[:1], "dup.json")
     with pytest.raises(BadSampleError, match=r"dup.json, images\[1\]: id 1 repeats"):
         InstSegDataset(f, tmp_path, min_size=0)
