@@ -99,11 +99,11 @@ def test_nonfinite_in_memory_predictions(coco_json: Path):
 def test_repeated_annotation_ids_in_the_ground_truth(coco_json: Path, tmp_path: Path):
     data = json.loads(coco_json.read_text())
     people = [a for a in data["annotations"] if a["num_keypoints"] > 0]
-    preds = [
-        {"image_id": a["image_id"], "category_id": 1, "keypoints": [v if i % 3 != 2 else 1 for i, v in enumerate(a["keypoints"])],
-         "score": 1.0}
-        for a in people
-    ]  # fmt: skip
+    preds = []
+    for a in people:  # the ground truth as predictions (keypoint scores 1)
+        k = np.array(a["keypoints"], float).reshape(-1, 3)
+        k[:, 2] = 1.0
+        preds.append({"image_id": a["image_id"], "category_id": 1, "keypoints": k.reshape(-1).tolist(), "score": 1.0})
     people[1]["id"] = people[0]["id"]  # one id twice
     gt = tmp_path / "dup_gt.json"
     gt.write_text(json.dumps(data))
