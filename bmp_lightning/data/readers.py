@@ -6,10 +6,11 @@ Every reader returns :class:`~bmp_lightning.data.records.PersonRecord` objects i
 has ``num_keypoints == 0`` (counted from the keypoints when the field is absent, as in AIC), has an empty box after
 clipping to the image, or has all keypoint coordinates <= 0.
 
-Broken input is different from filtered input: a missing or malformed file, a keypoint list of the wrong length, a
-box with negative/zero/non-finite size, or an annotation pointing at an image the file does not list raises
-:class:`BadSampleError` naming the file and the entry. With ``skip_bad_samples=True`` such entries are skipped
-instead, counted in a :class:`ReadReport` and logged once per file.
+Broken input is different from filtered input: a missing or malformed file, an ``images`` entry without an integer
+``id``, a ``file_name`` or positive integer ``width`` / ``height``, a repeated image or annotation id, a keypoint list
+of the wrong length, a box with negative/zero/non-finite size, or an annotation pointing at an image the file does
+not list raises :class:`BadSampleError` naming the file, the entry and the field. With ``skip_bad_samples=True``
+such entries are skipped instead, counted in a :class:`ReadReport` and logged once per file.
 """
 
 from __future__ import annotations
