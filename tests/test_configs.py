@@ -66,7 +66,7 @@ def test_experiment_composes_and_builds(experiment: str, tmp_path: Path):
 
 @pytest.mark.parametrize("experiment", PAPER)
 def test_paper_recipe(experiment: str, tmp_path: Path):
-    """BBoxMaskPose's recipe (reference/bmp_reference.md 2): the numbers a re-run must use."""
+    """BBoxMaskPose's recipe (docs/recipes.md#vitpose-b): the numbers a re-run must use."""
     from bmp_lightning.data.samplers import per_source_counts
 
     cfg = _compose(experiment, tmp_path)
