@@ -91,3 +91,17 @@ def test_cited_docs_sections_exist() -> None:
         if not file.is_file() or anchor not in anchors(file):
             missing.append(f"{page}#{anchor} (cited in {', '.join(sorted(set(where)))})")
     assert not missing, "cited sections that do not exist:\n" + "\n".join(missing)
+
+
+def test_docs_name_files_that_exist() -> None:
+    """Every repository path the docs name (``bmp_lightning/...``, ``conf/...``, ``tests/...``) exists, so moving a
+    module without updating docs/ fails here."""
+    paths = re.compile(r"\b((?:bmp_lightning|conf|tests|experiments|notebooks)/[\w./-]*\w)")
+    missing, checked = [], 0
+    for page in sorted(DOCS.glob("*.md")):
+        for rel in sorted(set(paths.findall(page.read_text(encoding="utf-8")))):
+            checked += 1
+            if not (ROOT / rel).exists():
+                missing.append(f"{page.name}: {rel}")
+    assert checked >= 20, "the docs name the code they describe; finding few paths means the pattern broke"
+    assert not missing, "docs/ names paths that do not exist:\n" + "\n".join(missing)
