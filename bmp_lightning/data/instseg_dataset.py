@@ -5,7 +5,7 @@ normalises on the device), "targets": [{"boxes" (M, 4) float32 xyxy input pixels
 "masks" (M, S, S) uint8 at the padded input size}], "meta": [{"image_id", "ori_shape" (h, w), "img_shape" (h, w)
 of the resized content before padding, "scale_factor" (w, h), "flip", "file_name"}]}``.
 
-Annotation handling follows MMDetection's ``CocoDataset`` (``bmp_reference.md`` §4, ``filter_cfg``): an annotation is
+Annotation handling follows MMDetection's ``CocoDataset`` (``filter_cfg``, docs/recipes.md#sources): an annotation is
 used when its box overlaps the image, ``area > 0``, ``w >= 1``, ``h >= 1`` and its category is selected; crowd
 annotations and annotations without a usable polygon are ignored (upstream carries them as "ignore" instances, which
 RTMDet never uses). Training images are kept when ``min(w, h) >= min_size`` and, with ``filter_empty_gt``, when the

@@ -18,7 +18,7 @@ EmptyPromptFallback = Literal["detector_mask", "zero_points"]
 
 @dataclass
 class LoopConfig:
-    """Every knob of the BMP loop (reference: ``bmp_reference.md`` §5).
+    """Every knob of the BMP loop (docs/recipes.md#bmp-loop-d3).
 
     Detection: keep ``label == person_label`` with ``score > det_score_thr`` (strict), greedy box NMS at
     ``det_nms_iou``, at most ``max_dets``. Pose-NMS: OKS > ``oks_nms_thr`` between old and new instances, keypoints

@@ -1,4 +1,4 @@
-"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (DESIGN §6-7).
+"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (docs/recipes.md#evaluation).
 
 ``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
 :func:`run_bmp_evaluation`. For every image the loop runs once; after iteration ``k`` the people found so far (the

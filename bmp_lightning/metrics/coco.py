@@ -1,6 +1,6 @@
 """COCO-style keypoint AP (COCO, OCHuman, CrowdPose) with MMPose's rescoring and optional OKS-NMS.
 
-Protocol (mm_architectures A12, bmp_reference §1.1, §6):
+Protocol (MMPose ``coco_metric.py``; docs/recipes.md#evaluation):
 
 1. predictions are de-duplicated by ``instance_id`` (DDP padding repeats samples);
 2. 21-slot predictions are reduced to the dataset's keypoints: the first 17 for COCO / OCHuman, the 14 CrowdPose
@@ -12,7 +12,7 @@ Protocol (mm_architectures A12, bmp_reference §1.1, §6):
 6. pycocotools ``COCOeval(iouType='keypoints')`` with the dataset's sigmas (CrowdPose: 14 sigmas, and the
    ground-truth area taken as ``w*h*0.53`` of the box as xtcocotools does with ``use_area=False``).
 
-BMP's own evaluation uses no OKS-NMS (``nms_mode='none'``, bmp_reference §2); MMPose's default is OKS-NMS 0.9.
+BMP's own evaluation uses no OKS-NMS (``nms_mode='none'`` in its configs); MMPose's default is OKS-NMS 0.9.
 CrowdPose's AP(easy/medium/hard) are added when its images carry ``crowdIndex`` (subsets split at 0.2 / 0.8).
 
 CLI::

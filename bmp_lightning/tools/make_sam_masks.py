@@ -5,8 +5,9 @@
         [local_files_only=false] [strict=false]
 
 MaskPose trains on COCO's ground-truth polygons and on SAM masks for MPII and AIC, which have none; BMP ships those
-masks as ``annotations/{mpii,aic}_sam_{train,val}.json`` but neither the script nor its prompting (bmp_reference
-§1.3). Our prompting, per person: the ground-truth box (MPII: MMPose's square box from ``center`` / ``scale``) plus
+masks as ``annotations/{mpii,aic}_sam_{train,val}.json`` but neither the script nor its prompting
+(docs/departures.md#sam-masks-for-mpii-and-aic). Our prompting, per person: the ground-truth box (MPII: MMPose's
+square box from ``center`` / ``scale``) plus
 every *visible* keypoint as a positive point (COCO format ``v == 2``; MPII's ``joints_vis`` only says "labelled",
 so every labelled joint), points outside the image dropped, one mask per person (no multi-mask choice). Box and
 keypoints together pin the mask to the annotated person in crowds: the box alone often covers two people, and

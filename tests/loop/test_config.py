@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -39,20 +38,15 @@ def test_v1_exact_differs_only_in_quirks():
     assert v1["sam_input_bgr"] and v1["oks_area_from_xyxy_as_xywh"] and not v1["remove_suppressed_old"]
 
 
-def _compose_loop(name: str, overrides: list[str] = ()):
-    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
-        return compose(config_name="bmp.yaml", overrides=[f"loop={name}", *overrides]).loop
-
-
 @pytest.mark.parametrize("name, preset", [("bmp_d3", bmp_d3), ("bmp_v1_exact", bmp_v1_exact)])
-def test_yaml_instantiates_the_preset(name, preset):
-    cfg = _compose_loop(name)
+def test_yaml_instantiates_the_preset(name, preset, cfg_bmp):
+    cfg = cfg_bmp(f"loop={name}").loop
     assert instantiate(cfg) == preset()
     assert resolve_loop_config(name) == preset()
     assert resolve_loop_config(cfg) == preset()
     # every field is in the composed config, so command-line overrides need no '+'
     assert set(cfg.keys()) - {"_target_"} == {f.name for f in dataclasses.fields(LoopConfig)}
-    assert instantiate(_compose_loop(name, ["loop.num_iters=3"])) == preset(num_iters=3)
+    assert instantiate(cfg_bmp(f"loop={name}", "loop.num_iters=3").loop) == preset(num_iters=3)
 
 
 def test_presets_are_deltas():
