@@ -1,4 +1,4 @@
-"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (DESIGN §6-7).
+"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (docs/recipes.md#evaluation).
 
 ``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
 :func:`run_bmp_evaluation`. For every image the loop runs once; after iteration ``k`` the people found so far (the
@@ -13,8 +13,11 @@ in ``<run dir>/results/``:
 scores them with :class:`~bmp_lightning.metrics.coco.CocoKeypointEvaluator` (pose AP, no OKS-NMS, as BMP) and
 :class:`~bmp_lightning.metrics.detection.CocoDetectionEvaluator` (box and mask AP), and writes ``metrics.json`` with
 ``bmp/iter{k}/<split name>/{AP,AP50,...,bbox_AP,...,segm_AP,...}`` plus ``bmp/time/{detector,pose,sam,total}``
-(seconds per image). ``max_images`` restricts the split to its first images; the ground truth of just those images
-is then written to ``results/gt.json`` and used for scoring (``results/info.json`` names the ground truth used).
+(seconds per image) and ``bmp/skipped_images``. An image that cannot be read (missing, truncated, corrupt) is
+skipped, its people counted as not found, and listed with the reason under ``bmp/skipped`` in ``metrics.json`` and
+in ``results/info.json`` (``strict=true``: the job stops at the first one instead). ``max_images`` restricts the
+split to its first images; the ground truth of just those images is then written to ``results/gt.json`` and used for
+scoring (``results/info.json`` names the ground truth used).
 The first ``num_vis`` images get a picture per image in ``vis/`` (detector input and people per iteration).
 
 Choices of ours (the upstream evaluation script is not public): the box of a person is the detector box clipped to
@@ -309,20 +312,32 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
             )  # fmt: skip
         t_start = time.perf_counter()
         local: list[ImageResult] = []
-        # images this rank could not use, as {"index", "image_id", "reason"} (reported per rank in info.json)
-        skipped: list[dict] = []
+        skipped: list[dict[str, Any]] = []  # unreadable images: their people count as not found
         for n in _progress(mine, f"BMP {split.name}", disable=not ctx.is_main):
             info = images[n]
             vis_path = vis_dir / f"{int(info['id']):012d}.png" if n < num_vis else None
-            local.append(evaluate_image(bmp, split, info, n, det_score, box_from_mask, vis_path))
+            try:
+                local.append(evaluate_image(bmp, split, info, n, det_score, box_from_mask, vis_path))
+            except BadSampleError as err:
+                if cfg.get("strict", False):
+                    raise
+                log.warning("skipped (strict=false): %s", err)
+                path = os.fspath(split.img_dir / info["file_name"])
+                skipped.append({"file": path, "image_id": int(info["id"]), "reason": str(err)})
         wall = time.perf_counter() - t_start
         parts = ctx.gather({"rank": ctx.rank, "results": local, "skipped": skipped, "wall_seconds": wall})
         if not ctx.is_main:
             return {}
         metrics = score_bmp_results(cfg, split, gt, images, parts, bmp.cfg.num_iters, results_dir)
-        atomic_write_json(out_dir / "metrics.json", metrics)
+        skipped = [s for p in parts for s in p["skipped"]]
+        order = {int(im["id"]): i for i, im in enumerate(images)}
+        skipped.sort(key=lambda s: order[s["image_id"]])
+        atomic_write_json(out_dir / "metrics.json", {**metrics, "bmp/skipped": skipped} if skipped else metrics)
         _log_metrics(cfg, metrics, bmp.cfg.num_iters, instantiate_dict(cfg.get("logger")))
         log.info("%s", format_summary(metrics, split.name, bmp.cfg.num_iters))
+        if skipped:
+            log.warning("%d of %d images could not be read and were skipped (their people count as not found):\n  %s",
+                        len(skipped), len(images), "\n  ".join(s["reason"] for s in skipped))  # fmt: skip
         log.info("results in %s", out_dir)
         return metrics
     finally:
@@ -342,8 +357,10 @@ def score_bmp_results(
     from bmp_lightning.utils.run import atomic_write_json
 
     results = sorted((r for part in parts for r in part["results"]), key=lambda r: r.index)
-    skipped = {s["index"] for part in parts for s in part.get("skipped", [])}
-    if [r.index for r in results] != [i for i in range(len(images)) if i not in skipped]:
+    order = {int(im["id"]): i for i, im in enumerate(images)}
+    skipped = sorted((s for part in parts for s in part.get("skipped", [])), key=lambda s: order[s["image_id"]])
+    gone = {order[s["image_id"]] for s in skipped}
+    if [r.index for r in results] != [i for i in range(len(images)) if i not in gone]:
         raise RuntimeError(
             f"BMP job: gathered {len(results)} image results + {len(skipped)} skipped for {len(images)} images"
         )
@@ -380,13 +397,14 @@ def score_bmp_results(
         det = det_evals[k].evaluate(outfile_prefix=prefix)
         metrics.update({f"{name}/{m}": float(v) for m, v in kp.items()})
         metrics.update({f"{name}/{m}": float(v) for m, v in det.items()})
-    n_img = max(len(images), 1)
+    n_img = max(len(images) - len(skipped), 1)
     metrics.update({f"bmp/time/{key}": times.get(key, 0.0) / n_img for key in TIMING_KEYS})
     # a run that silently did not shard shows world_size 1 / every image on rank 0
     metrics["bmp/dist/world_size"] = float(len(parts))
     for p in parts:
         metrics[f"bmp/dist/rank{p['rank']}/images"] = float(len(p["results"]))
         metrics[f"bmp/dist/rank{p['rank']}/skipped"] = float(len(p.get("skipped", [])))
+    metrics["bmp/skipped_images"] = float(len(skipped))
     atomic_write_json(
         results_dir / "info.json",
         {
@@ -394,6 +412,7 @@ def score_bmp_results(
             "dataset": split.dataset,
             "ground_truth": os.fspath(gt_file),
             "images": len(images),
+            "skipped": skipped,
             "iterations": num_iters,
             "iou_types": list(iou_types),
             "loop": OmegaConf.to_container(cfg.loop, resolve=True) if isinstance(cfg.loop, DictConfig) else cfg.loop,
@@ -427,6 +446,7 @@ def _log_metrics(cfg: DictConfig, metrics: dict[str, float], num_iters: int, log
             step = {m: v for m, v in metrics.items() if m.startswith(f"bmp/iter{k}/")}
             if k == num_iters:
                 step.update({m: v for m, v in metrics.items() if m.startswith("bmp/time/")})
+                step["bmp/skipped_images"] = metrics.get("bmp/skipped_images", 0.0)
             lg.log_metrics(step, step=k)
         lg.save()
         lg.finalize("success")

@@ -1,6 +1,6 @@
 """InstSegLitModule: RTMDet-Ins training and COCO box / mask validation (BMP's detector fine-tune).
 
-Recipe (``mm_architectures.md`` B7, B8, B10; ``bmp_reference.md`` §4):
+Recipe (docs/recipes.md#mask-out-fine-tune):
 
 - input: the datamodule's RGB 0..255 batch is flipped to BGR and normalised with the BGR mean/std on the device;
 - losses: :class:`~bmp_lightning.models.components.rtmdet.criterion.RTMDetInsCriterion` (QFL + 2 GIoU + 2 Dice);
