@@ -91,22 +91,17 @@ def test_multirun_jobs_get_their_own_wandb_run_names(synthetic_pose_data_dir: Pa
     assert names[0] != names[1]
 
 
-def test_detector_logs_prediction_pictures(tmp_path: Path) -> None:
+def test_detector_logs_prediction_pictures(cfg_train, tmp_path: Path) -> None:
     """A 1-step fit of the detector smoke experiment draws GT | prediction pairs into vis/ and the W&B run."""
     from bmp_lightning.train import train
-    from tests.test_learning_det import _compose
 
     out = tmp_path / "run"
-    cfg = _compose(
-        [
-            "experiment=rtmdet_smoke", "logger=many_loggers", f"paths.data_dir={tmp_path / 'data'}",
-            f"paths.log_dir={tmp_path / 'logs'}", "data.synthetic.n_images=6", "data.synthetic.n_val=2",
-            "data.input_size=128", "data.train_scale=128", "data.stage2_scale=128", "data.num_workers=0",
-            "data.batch_size=2", "data.val_batch_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
-            "trainer.check_val_every_n_epoch=1", "callbacks.rich_progress_bar=null", "callbacks.lr_monitor=null",
-            "callbacks.visualizer.score_thr=0.0", "model.max_per_img=3",
-        ],
-        out,
+    cfg = cfg_train(
+        "experiment=rtmdet_smoke", "logger=many_loggers", "data.synthetic.n_images=6", "data.synthetic.n_val=2",
+        "data.input_size=128", "data.train_scale=128", "data.stage2_scale=128", "data.num_workers=0",
+        "data.batch_size=2", "data.val_batch_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+        "trainer.check_val_every_n_epoch=1", "callbacks.rich_progress_bar=null", "callbacks.lr_monitor=null",
+        "callbacks.visualizer.score_thr=0.0", "model.max_per_img=3", out_dir=out,
     )  # fmt: skip
     _, objs = train(cfg)
     vis = [cb for cb in objs["trainer"].callbacks if type(cb).__name__ == "DetectionVisualizer"]
