@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bmp_lightning.data.synthetic import generate
-from bmp_lightning.loop.build import load_detector
+from bmp_lightning.loop.build import load_detector, load_segmenter
 from bmp_lightning.tools import make_detections as det_tool
 from bmp_lightning.tools import make_sam_masks as sam_tool
 
@@ -56,7 +56,9 @@ def test_make_detections_two_processes_equal_one(synthetic: Path, tmp_path: Path
     ann = synthetic / "annotations" / "person_keypoints_val.json"
     common = [f"ann={ann}", f"images={synthetic / 'images' / 'val'}", "detector=tiny_random", "batch_size=1"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _run("bmp_lightning.tools.make_detections", [*common, f"out={one}"], nproc=1)
+    # one process (in this one: what the CLI runs for detector=tiny_random batch_size=1), then torchrun with 2
+    det_tool.make_detections(ann, synthetic / "images" / "val", one, load_detector("tiny_random", batch_size=1),
+                             progress=False)  # fmt: skip
     proc = _run("bmp_lightning.tools.make_detections", [*common, f"out={two}"], nproc=2)
     dets = json.loads(one.read_text())
     assert len(dets) > 0 and {d["image_id"] for d in dets} <= {im["id"] for im in json.loads(ann.read_text())["images"]}
@@ -85,7 +87,8 @@ def test_make_sam_masks_two_processes_equal_one(synthetic: Path, tmp_path: Path)
     )
     common = [f"ann={ann}", f"images={synthetic / 'images' / 'val'}", "sam=tiny_random", "every=1"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    _run("bmp_lightning.tools.make_sam_masks", [*common, f"out={one}"], nproc=1)
+    sam_tool.make_sam_masks(ann, synthetic / "images" / "val", one, segmenter=lambda: load_segmenter("tiny_random"),
+                            every=1, progress=False)  # fmt: skip
     proc = _run("bmp_lightning.tools.make_sam_masks", [*common, f"out={two}"], nproc=2)
     people = json.loads(one.read_text())
     assert len(people) == len(json.loads(ann.read_text())) and all(p["segmentation"]["counts"] for p in people)
@@ -101,7 +104,8 @@ def test_make_sam_masks_two_processes_equal_one(synthetic: Path, tmp_path: Path)
     settings = {"ann": ann.name, "format": "mpii", "mask_format": "rle"}
     sidecar.write_text(json.dumps({"settings": settings}) + "\n" + json.dumps({"image": first, "masks": done})
                        + '\n{"image": "torn')  # fmt: skip
-    proc = _run("bmp_lightning.tools.make_sam_masks", [*common, f"out={tmp_path / 'resumed.json'}"], nproc=1)
-    assert f"{len(done)} had a mask, {len(people) - len(done)} segmented now (4 images)" in proc.stderr
+    stats = sam_tool.make_sam_masks(ann, synthetic / "images" / "val", tmp_path / "resumed.json",
+                                    segmenter=lambda: load_segmenter("tiny_random"), progress=False)  # fmt: skip
+    assert (stats["done_before"], stats["new"], stats["images"]) == (len(done), len(people) - len(done), 4)
     assert json.loads((tmp_path / "resumed.json").read_text()) == people
     assert not sidecar.exists()
