@@ -33,6 +33,9 @@ test-full: install ## run every test except the gpu ones, slow included
 test-gpu: install ## run the gpu-marked tests (on a CUDA machine)
 	$(PY) -m pytest -m gpu -q $(PYTEST_ARGS)
 
+gpu-check: install ## the prepared GPU check (<= 5 min on one GPU): bf16 training + MFU, data path, CUDA vs CPU, BMP loop, DDP -> logs/gpu_check.json; says so and exits 0 without a GPU
+	$(PY) -m bmp_lightning.tools.gpu_check out=logs/gpu_check.json $(GPU_CHECK_ARGS)
+
 lint: install ## ruff lint + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -83,4 +86,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: train sweep eval bmp help install test test-full test-gpu lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
+.PHONY: train sweep eval bmp help install test test-full test-gpu gpu-check lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all

@@ -35,7 +35,8 @@ def evaluate_bmp(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bmp.yaml")
 def main(cfg: DictConfig) -> float | None:
     metrics = evaluate_bmp(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    # ranks other than 0 of a torchrun / srun launch return no metrics (rank 0 scores)
+    return metric_value(metrics, cfg.get("optimized_metric")) if metrics else None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import hydra
@@ -18,6 +19,7 @@ from bmp_lightning.utils.run import (
     set_torch_threads,
     task_wrapper,
 )
+from bmp_lightning.utils.slurm import cfg_without_multirun, requeue_ckpt_path
 
 log = logging.getLogger("bmp_lightning.train")
 
@@ -37,7 +39,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log_hyperparameters(cfg, model, loggers)
 
     if cfg.get("train", True):
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+        # a job SLURM requeued continues from its own run dir's newest checkpoint
+        ckpt_path = requeue_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+        ckpt_path = resolve_ckpt_path(ckpt_path, cfg.paths.output_dir)
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -58,4 +62,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = cfg_without_multirun(sys.argv)
     main()

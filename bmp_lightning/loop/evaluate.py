@@ -205,8 +205,9 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def build_loop_from_config(cfg: DictConfig):
-    """The ``BMP`` of a job config (``detector``, ``pose``, ``sam``, ``loop``, ``device``, ``*_opts``)."""
+def build_loop_from_config(cfg: DictConfig, device: str | None = None):
+    """The ``BMP`` of a job config (``detector``, ``pose``, ``sam``, ``loop``, ``device``, ``*_opts``); ``device``
+    overrides the config's (a distributed rank's own GPU)."""
     import hydra
 
     from bmp_lightning.loop.build import build_bmp
@@ -222,87 +223,171 @@ def build_loop_from_config(cfg: DictConfig):
         cfg.get("pose"),
         cfg.get("sam"),
         loop=loop,
-        device=resolve_device(cfg.get("device")),
+        device=device or resolve_device(cfg.get("device")),
         detector_opts=cfg.get("detector_opts"),
         pose_opts=cfg.get("pose_opts"),
         sam_opts=cfg.get("sam_opts"),
     )
 
 
-def _progress(items: list, desc: str):
+def _progress(items: list, desc: str, disable: bool = False):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return items
-    return tqdm(items, desc=desc, unit="img", dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="img", dynamic_ncols=True, disable=disable)
+
+
+@dataclass
+class ImageResult:
+    """One image's loop output as evaluation entries: ``keypoints[k]`` / ``detection[k]`` are iteration ``k + 1``'s
+    inputs of the keypoint / detection evaluators; ``index`` is the image's position in the split (ranks gather
+    their results and rank 0 restores the split's order)."""
+
+    index: int
+    image_id: int
+    keypoints: list[list[dict]]
+    detection: list[dict]
+    timings: dict[str, float]
+
+
+def evaluate_image(
+    bmp,
+    split: EvalSplit,
+    info: dict,
+    index: int,
+    det_score: str = "bbox",
+    box_from_mask: bool = False,
+    vis_path: Path | None = None,
+) -> ImageResult:
+    """Run the loop on one image of the split; ``vis_path``: also save its picture (detector input + people per
+    iteration) there."""
+    from bmp_lightning.loop.render import iteration_figure, save_png
+
+    image_id = int(info["id"])
+    image = read_image(split.img_dir / info["file_name"], where=f"{split.ann_file}, image id {image_id}")
+    hw = image.shape[:2]
+    result = bmp(image, return_iterations=vis_path is not None)
+    keypoints, detection = [], []
+    for snap in result.iterations:
+        keypoints.append(keypoint_predictions(snap.persons, image_id, hw, box_from_mask))
+        detection.append(detection_prediction(snap.persons, image_id, hw, det_score, box_from_mask))
+    if vis_path is not None:
+        save_png(iteration_figure(image, result), vis_path)
+    return ImageResult(index, image_id, keypoints, detection, dict(result.timings))
 
 
 def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
     """Run the BMP loop over ``cfg.data``, write results / metrics / pictures into ``cfg.paths.output_dir``.
 
-    Returns the metrics (also in ``metrics.json``).
+    Under ``torchrun`` / ``srun`` (several processes) every rank runs the loop on its share of the images and rank 0
+    scores the gathered results in the split's order: the same result files and metrics as one process, plus
+    ``bmp/dist/world_size`` and ``bmp/dist/rank<r>/images`` (the images each rank processed). Returns the metrics
+    (also in ``metrics.json``; an empty dict on the other ranks).
     """
-    from bmp_lightning.loop.render import iteration_figure, save_png
+    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
     from bmp_lightning.utils.run import atomic_write_json, instantiate_dict
 
     apply_torch_threads(cfg.get("torch_threads"))
-    out_dir = Path(cfg.paths.output_dir)
-    results_dir, vis_dir = out_dir / "results", out_dir / "vis"
-    split = split_from_config(cfg.data)
-    gt, images = load_ground_truth(split, cfg.get("max_images"))
+    device = resolve_device(cfg.get("device"))
+    ctx = init_distributed(device)
+    try:
+        # the ranks' own Hydra run dirs may differ by a timestamp second: everything goes to rank 0's
+        out_dir = Path(ctx.broadcast(str(cfg.paths.output_dir)))
+        results_dir, vis_dir = out_dir / "results", out_dir / "vis"
+        split = split_from_config(cfg.data) if ctx.is_main else None
+        split = ctx.broadcast(split)  # rank 0 generates a missing synthetic split, once
+        gt, images = load_ground_truth(split, cfg.get("max_images"))
+        ev = cfg.get("eval") or {}
+        det_score = ev.get("det_score", "bbox")
+        box_from_mask = bool(ev.get("box_from_mask", False))
+        num_vis = int(cfg.get("num_vis") or 0)
+
+        bmp = build_loop_from_config(cfg, device=device_for_rank(device, ctx.local_rank))
+        mine = ctx.shard(list(range(len(images))))
+        if ctx.is_main:
+            log.info(
+                "BMP on %s (%d images, %s), %d iterations, segmenter=%s, %d process(es)", split.name, len(images),
+                split.ann_file, bmp.cfg.num_iters, bmp.cfg.segmenter, ctx.world_size,
+            )  # fmt: skip
+        t_start = time.perf_counter()
+        local: list[ImageResult] = []
+        skipped: list[dict[str, Any]] = []  # unreadable images: their people count as not found
+        for n in _progress(mine, f"BMP {split.name}", disable=not ctx.is_main):
+            info = images[n]
+            vis_path = vis_dir / f"{int(info['id']):012d}.png" if n < num_vis else None
+            try:
+                local.append(evaluate_image(bmp, split, info, n, det_score, box_from_mask, vis_path))
+            except BadSampleError as err:
+                if cfg.get("strict", False):
+                    raise
+                log.warning("skipped (strict=false): %s", err)
+                path = os.fspath(split.img_dir / info["file_name"])
+                skipped.append({"file": path, "image_id": int(info["id"]), "reason": str(err)})
+        wall = time.perf_counter() - t_start
+        parts = ctx.gather({"rank": ctx.rank, "results": local, "skipped": skipped, "wall_seconds": wall})
+        if not ctx.is_main:
+            return {}
+        metrics = score_bmp_results(cfg, split, gt, images, parts, bmp.cfg.num_iters, results_dir)
+        skipped = [s for p in parts for s in p["skipped"]]
+        order = {int(im["id"]): i for i, im in enumerate(images)}
+        skipped.sort(key=lambda s: order[s["image_id"]])
+        atomic_write_json(out_dir / "metrics.json", {**metrics, "bmp/skipped": skipped} if skipped else metrics)
+        _log_metrics(cfg, metrics, bmp.cfg.num_iters, instantiate_dict(cfg.get("logger")))
+        log.info("%s", format_summary(metrics, split.name, bmp.cfg.num_iters))
+        if skipped:
+            log.warning("%d of %d images could not be read and were skipped (their people count as not found):\n  %s",
+                        len(skipped), len(images), "\n  ".join(s["reason"] for s in skipped))  # fmt: skip
+        log.info("results in %s", out_dir)
+        return metrics
+    finally:
+        ctx.close()
+
+
+def score_bmp_results(
+    cfg: DictConfig,
+    split: EvalSplit,
+    gt: dict,
+    images: list[dict],
+    parts: list[dict],
+    num_iters: int,
+    results_dir: Path,
+) -> dict[str, float]:
+    """Rank 0: the ranks' :class:`ImageResult` lists -> per-iteration results json, ``info.json`` and the metrics."""
+    from bmp_lightning.utils.run import atomic_write_json
+
+    results = sorted((r for part in parts for r in part["results"]), key=lambda r: r.index)
+    order = {int(im["id"]): i for i, im in enumerate(images)}
+    skipped = sorted((s for part in parts for s in part.get("skipped", [])), key=lambda s: order[s["image_id"]])
+    gone = {order[s["image_id"]] for s in skipped}
+    if [r.index for r in results] != [i for i in range(len(images)) if i not in gone]:
+        raise RuntimeError(
+            f"BMP job: gathered {len(results)} image results + {len(skipped)} skipped for {len(images)} images"
+        )
     gt_file = split.ann_file
     if len(images) < len(gt["images"]):
         gt_file = write_json_atomic(results_dir / "gt.json", subset_ground_truth(gt, images))
     has_segm = any(a.get("segmentation") for a in gt["annotations"])
     segm = has_segm if split.segm is None else split.segm
-    category = person_category(gt)
     ev = cfg.get("eval") or {}
     score_mode = ev.get("score_mode", "bbox_keypoint")
-    det_score = ev.get("det_score", "bbox")
-    box_from_mask = bool(ev.get("box_from_mask", False))
     verbose = bool(ev.get("verbose", False))
-
-    bmp = build_loop_from_config(cfg)
-    num_iters = bmp.cfg.num_iters
     kp_evals = [
         CocoKeypointEvaluator(gt_file, dataset=split.dataset, score_mode=score_mode, nms=None, verbose=verbose)
         for _ in range(num_iters)
     ]
     iou_types = ("bbox", "segm") if segm else ("bbox",)
     det_evals = [
-        CocoDetectionEvaluator(gt_file, iou_types=iou_types, category_ids=(category,), verbose=verbose)
+        CocoDetectionEvaluator(gt_file, iou_types=iou_types, category_ids=(person_category(gt),), verbose=verbose)
         for _ in range(num_iters)
     ]
-    num_vis = int(cfg.get("num_vis") or 0)
     times = dict.fromkeys(TIMING_KEYS, 0.0)
-    log.info(
-        "BMP on %s (%d images, %s), %d iterations, segmenter=%s", split.name, len(images), split.ann_file,
-        num_iters, bmp.cfg.segmenter,
-    )  # fmt: skip
-    t_start = time.perf_counter()
-    skipped: list[dict[str, Any]] = []  # unreadable images: their people count as not found
-    for n, info in enumerate(_progress(images, f"BMP {split.name}")):
-        image_id = int(info["id"])
-        path = split.img_dir / info["file_name"]
-        try:
-            image = read_image(path, where=f"{split.ann_file}, image id {image_id}")
-        except BadSampleError as err:
-            if cfg.get("strict", False):
-                raise
-            log.warning("skipped (strict=false): %s", err)
-            skipped.append({"file": os.fspath(path), "image_id": image_id, "reason": str(err)})
-            continue
-        hw = image.shape[:2]
-        vis = n < num_vis
-        result = bmp(image, return_iterations=vis)
-        for k, snap in enumerate(result.iterations):
-            kp_evals[k].process(keypoint_predictions(snap.persons, image_id, hw, box_from_mask))
-            det_evals[k].process([detection_prediction(snap.persons, image_id, hw, det_score, box_from_mask)])
-        for key, value in result.timings.items():
+    for r in results:
+        for k, (keypoints, detection) in enumerate(zip(r.keypoints, r.detection)):
+            kp_evals[k].process(keypoints)
+            det_evals[k].process([detection])
+        for key, value in r.timings.items():
             times[key] = times.get(key, 0.0) + value
-        if vis:
-            save_png(iteration_figure(image, result), vis_dir / f"{image_id:012d}.png")
-    wall = time.perf_counter() - t_start
 
     metrics: dict[str, float] = {}
     for k in range(num_iters):
@@ -314,8 +399,12 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
         metrics.update({f"{name}/{m}": float(v) for m, v in det.items()})
     n_img = max(len(images) - len(skipped), 1)
     metrics.update({f"bmp/time/{key}": times.get(key, 0.0) / n_img for key in TIMING_KEYS})
+    # a run that silently did not shard shows world_size 1 / every image on rank 0
+    metrics["bmp/dist/world_size"] = float(len(parts))
+    for p in parts:
+        metrics[f"bmp/dist/rank{p['rank']}/images"] = float(len(p["results"]))
+        metrics[f"bmp/dist/rank{p['rank']}/skipped"] = float(len(p.get("skipped", [])))
     metrics["bmp/skipped_images"] = float(len(skipped))
-    atomic_write_json(out_dir / "metrics.json", {**metrics, "bmp/skipped": skipped} if skipped else metrics)
     atomic_write_json(
         results_dir / "info.json",
         {
@@ -327,15 +416,19 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
             "iterations": num_iters,
             "iou_types": list(iou_types),
             "loop": OmegaConf.to_container(cfg.loop, resolve=True) if isinstance(cfg.loop, DictConfig) else cfg.loop,
-            "wall_seconds": wall,
+            "wall_seconds": max(p["wall_seconds"] for p in parts),
+            "world_size": len(parts),
+            "ranks": [
+                {
+                    "rank": p["rank"],
+                    "images": len(p["results"]),
+                    "skipped": p.get("skipped", []),
+                    "wall_seconds": p["wall_seconds"],
+                }
+                for p in parts
+            ],  # fmt: skip
         },
     )
-    _log_metrics(cfg, metrics, num_iters, instantiate_dict(cfg.get("logger")))
-    log.info("%s", format_summary(metrics, split.name, num_iters))
-    if skipped:
-        log.warning("%d of %d images could not be read and were skipped (their people count as not found):\n  %s",
-                    len(skipped), len(images), "\n  ".join(s["reason"] for s in skipped))  # fmt: skip
-    log.info("results in %s", out_dir)
     return metrics
 
 
@@ -376,13 +469,16 @@ __all__ = [
     "KEYPOINT_METRICS",
     "EvalSplit",
     "build_loop_from_config",
+    "ImageResult",
     "detection_prediction",
+    "evaluate_image",
     "format_summary",
     "keypoint_predictions",
     "load_ground_truth",
     "person_box",
     "resolve_device",
     "run_bmp_evaluation",
+    "score_bmp_results",
     "split_from_config",
     "subset_ground_truth",
 ]

@@ -27,10 +27,16 @@ the settings; a rerun with other settings stops rather than mixing them). A kill
 the final json is written atomically (temporary file beside it + rename) only once every image is done, then the
 sidecar is removed. An unreadable image (missing, truncated, corrupt) is logged, counted, has no detections and is
 listed with the reason in ``<out>.skipped.json`` (``strict=true``: stop at the first instead).
+
+Many GPUs: ``torchrun --nproc_per_node=N -m bmp_lightning.tools.make_detections ... device=cuda`` (or ``srun``, one
+task per GPU) shards the images left to do over the ranks; rank ``r`` appends to ``<out>.partial.rank<r>.jsonl``,
+and rank 0 merges every sidecar into ``out`` (the same file as one process writes) once all ranks are done. A killed
+run resumes with any number of processes: the finished images of every sidecar are skipped.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -46,6 +52,7 @@ from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.tools.make_sam_masks import write_skip_report
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.distributed import DistContext
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_detections")
@@ -54,10 +61,26 @@ PERSON_LABEL = 0  # the detector's class index of "person" (COCO order; the only
 SIDECAR_VERSION = 1
 
 
-def partial_path(out: str | os.PathLike) -> Path:
-    """The progress sidecar of ``out``: ``<out>.partial.jsonl``."""
+def partial_path(out: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
+    """The progress sidecar of ``out``: ``<out>.partial.jsonl``; rank ``r`` of a distributed run writes its own,
+    ``<out>.partial.rank<r>.jsonl``."""
     out = Path(out)
-    return out.with_name(out.name + ".partial.jsonl")
+    return out.with_name(out.name + (".partial.jsonl" if world_size == 1 else f".partial.rank{rank}.jsonl"))
+
+
+def all_partials(out: str | os.PathLike) -> list[Path]:
+    """Every progress sidecar of ``out`` (one-process and per-rank ones, whatever the world size was)."""
+    out = Path(out)
+    single = partial_path(out)
+    ranks = sorted(out.parent.glob(glob.escape(out.name) + ".partial.rank*.jsonl"))
+    return ([single] if single.is_file() else []) + ranks
+
+
+def _load_partials(out: Path, settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    for path in all_partials(out):
+        done.update(_load_sidecar(path, settings))
+    return done
 
 
 def person_category_id(gt: dict, source: str) -> int:
@@ -185,6 +208,7 @@ def make_detections(
     progress: bool = True,
     loader: Callable[[], Any] | None = None,
     strict: bool = False,
+    dist: DistContext | None = None,
 ) -> dict[str, int]:
     """Detect persons on the images of the gt json ``ann`` (files under ``images``) and write ``out``; resumable.
 
@@ -198,6 +222,9 @@ def make_detections(
         settings: what identifies the run in the sidecar besides ``score_thr`` / ``segm`` (e.g. the detector).
         loader: builds the detector when ``detector`` is ``None``, only if some image is left to do.
         strict: stop at an unreadable image instead of skipping it.
+        dist: the rank of a torchrun / srun launch (:func:`bmp_lightning.utils.distributed.init_distributed`): the
+            images left to do are sharded over the ranks, each appends to its own sidecar, and rank 0 merges them all
+            into ``out`` once every rank is done (the same file as one process writes).
 
     Returns:
         counts: ``images`` (selected), ``done_before`` (from the sidecar), ``new`` (detected now), ``skipped``
@@ -208,8 +235,9 @@ def make_detections(
         raise FileNotFoundError(f"annotation file not found: {ann}")
     if not images.is_dir():
         raise FileNotFoundError(f"image directory not found: {images}")
-    sidecar = partial_path(out)
-    if out.exists() and not sidecar.exists() and not overwrite:
+    dist = dist or DistContext()
+    sidecar = partial_path(out, dist.rank, dist.world_size)
+    if out.exists() and not all_partials(out) and not overwrite:
         raise FileExistsError(f"{out} exists (a finished run); pass overwrite=true to write it again")
     try:
         gt = json.loads(ann.read_text())
@@ -229,11 +257,21 @@ def make_detections(
 
     settings = {"version": SIDECAR_VERSION, "category_id": category_id, "score_thr": score_thr, "segm": segm,
                 **(settings or {})}  # fmt: skip
-    done = _load_sidecar(sidecar, settings)
-    if done:
-        log.info("resuming from %s (%d images done)", sidecar, len(done))
-    remaining = [im for im in todo_images if int(im["id"]) not in done]
+    # rank 0 reads every sidecar (cutting torn lines) before any rank appends; the others get the finished ids
+    done, error = {}, None
+    if dist.is_main:
+        try:
+            done = _load_partials(out, settings)
+        except BadSampleError as err:
+            error = str(err)
+    finished, error = dist.broadcast((set(done), error))
+    if error:
+        raise BadSampleError(error)
+    if finished:
+        log.info("resuming from %s (%d images done)", ", ".join(map(str, all_partials(out))), len(finished))
+    remaining = [im for im in todo_images if int(im["id"]) not in finished]
     stats = {"images": len(todo_images), "done_before": len(todo_images) - len(remaining), "new": 0, "skipped": 0}
+    remaining = dist.shard(remaining)
     if remaining and detector is None:
         if loader is None:
             raise ValueError("make_detections needs a detector (or a loader) for the images left to do")
@@ -241,7 +279,7 @@ def make_detections(
     batch = int(getattr(detector, "batch_size", 1) or 1)
 
     bar = None
-    if progress and remaining:
+    if progress and remaining and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(remaining), desc=f"detections {ann.name}", unit="img", dynamic_ncols=True)
@@ -274,6 +312,14 @@ def make_detections(
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    new = dist.gather(stats["new"])
+    dist.barrier()  # every rank's sidecar is complete
+    if not dist.is_main:
+        return stats
+    stats["new"] = sum(new)
+    if dist.distributed:
+        stats["new_per_rank"] = new
+    done = _load_partials(out, settings)
 
     result = [d for im in todo_images for d in done[int(im["id"])].get("detections", [])]
     skipped = [done[int(im["id"])]["skipped"] for im in todo_images if "skipped" in done[int(im["id"])]]
@@ -282,7 +328,8 @@ def make_detections(
         {"file": os.fspath(images / im["file_name"]), "image_id": im["id"], "reason": done[int(im["id"])]["skipped"]}
         for im in todo_images if "skipped" in done[int(im["id"])]
     ])  # fmt: skip
-    sidecar.unlink()
+    for path in all_partials(out):
+        path.unlink()
     stats.update(skipped=len(skipped), detections=len(result))
     if skipped:
         log.warning("%d of %d images unreadable and left out:\n  %s", len(skipped), len(todo_images),
@@ -317,7 +364,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         max_images = int(args["max_images"]) if args.get("max_images", "") not in ("", "null", "none") else None
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
+
     device = resolve_device(args.get("device", "cpu"))
+    dist = init_distributed(device)  # torchrun / srun: one shard of the images per rank
+    device = device_for_rank(device, dist.local_rank)
     spec = args["detector"]
     # The sidecar remembers what made the detections (not the device or batch size: they do not change them).
     settings = {"detector": os.path.basename(spec), "input_size": opts.get("input_size")}
@@ -333,9 +384,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
             settings=settings,
             loader=lambda: load_detector(spec, device, **opts),
             strict=_flag(args.get("strict", "false"), "strict"),
+            dist=dist,
         )
     except (BadSampleError, FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -21,10 +21,16 @@ images and at the end). ``out`` defaults to BMP's naming: ``mpii_train.json`` ->
 
 An image that cannot be read (missing, truncated, corrupt) is skipped: its people keep no mask (a rerun tries them
 again), and the images are listed with the reason in ``<out>.skipped.json`` (``strict=true``: stop at the first).
+
+Many GPUs (SAM on ~420k MPII + AIC people): ``torchrun --nproc_per_node=N -m bmp_lightning.tools.make_sam_masks ...
+device=cuda`` (or ``srun``) shards the images left to do over the ranks; rank ``r`` appends each finished image's
+masks to ``<out>.partial.rank<r>.jsonl`` and rank 0 merges every sidecar into ``out`` (atomically, the same file as
+one process writes) once all ranks are done. A killed run resumes with any number of processes (sidecars included).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -42,6 +48,7 @@ from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.data.readers import mpii_box
 from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.distributed import DistContext
 from bmp_lightning.utils.run import atomic_write_json
 
 log = logging.getLogger("bmp_lightning.make_sam_masks")
@@ -78,6 +85,55 @@ def default_out(ann: str | os.PathLike) -> Path:
     p = Path(ann)
     head, sep, tail = p.stem.partition("_")
     return p.with_name(f"{head}_sam_{tail}.json" if sep else f"{p.stem}_sam.json")
+
+
+def partial_path(out: str | os.PathLike, rank: int) -> Path:
+    """Rank ``rank``'s progress sidecar of a distributed run: ``<out>.partial.rank<r>.jsonl``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial.rank{rank}.jsonl")
+
+
+def all_partials(out: str | os.PathLike) -> list[Path]:
+    out = Path(out)
+    return sorted(out.parent.glob(glob.escape(out.name) + ".partial.rank*.jsonl"))
+
+
+def _read_partial(path: Path, settings: dict, repair: bool) -> list[dict]:
+    """The image records of a sidecar; a torn last line (killed write) is ignored, and cut off with ``repair``."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1].strip():
+        log.warning("%s: dropping an incomplete last line (an interrupted write)", path)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+    records = []
+    for n, line in enumerate(lines[:-1]):
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            raise BadSampleError(f"{path}, line {n + 1}: not valid json ({err}); delete it to start over") from err
+        if n == 0:
+            if rec.get("settings") != settings:
+                raise BadSampleError(
+                    f"{path}: progress of a run with other settings ({rec.get('settings')}, now {settings}); "
+                    "delete it to start over or rerun with the same settings"
+                )
+            continue
+        records.append(rec)
+    return records
+
+
+def apply_partials(entries: list[dict], out: Path, settings: dict, repair: bool = False) -> int:
+    """Put the masks of every sidecar of ``out`` into ``entries``; the number of people set."""
+    n = 0
+    for path in all_partials(out):
+        for rec in _read_partial(path, settings, repair):
+            for m in rec["masks"]:
+                entries[m["index"]]["segmentation"] = m["segmentation"]
+                entries[m["index"]]["sam_score"] = m["sam_score"]
+                n += 1
+    return n
 
 
 def is_done(entry: dict) -> bool:
@@ -140,6 +196,7 @@ def make_sam_masks(
     every: int = 50,
     progress: bool = True,
     strict: bool = False,
+    dist: DistContext | None = None,
 ) -> dict[str, int]:
     """Add SAM masks to the annotations ``ann`` (images under ``images``) and write ``out``; resumes from ``out``.
 
@@ -148,7 +205,8 @@ def make_sam_masks(
             (called only when some person still needs a mask).
         fmt: ``mpii`` (MMPose list json), ``coco`` (COCO-format keypoints json: AIC), ``auto`` (by the json type).
         mask_format: ``rle`` (exact) or ``polygon`` (outer contours, as COCO polygons).
-        every: rewrite ``out`` after this many images (the progress checkpoint).
+        every: rewrite ``out`` after this many images (the progress checkpoint; distributed: fsync the sidecar).
+        dist: the rank of a torchrun / srun launch: images sharded over the ranks, per-rank sidecars merged by rank 0.
         strict: stop at an unreadable image instead of skipping it (listed in :func:`skipped_path`).
 
     Returns:
@@ -158,6 +216,8 @@ def make_sam_masks(
     ann, out = Path(ann), Path(out) if out is not None else default_out(ann)
     if mask_format not in ("rle", "polygon"):
         raise ValueError(f"mask_format must be 'rle' or 'polygon', got {mask_format!r}")
+    dist = dist or DistContext()
+    dist.barrier()  # a rank may read `out` only once rank 0 has decided on it (previous runs' files)
     source = out if out.is_file() else ann
     with open(source) as f:
         try:
@@ -173,20 +233,69 @@ def make_sam_masks(
     if source == out:
         log.info("resuming from %s", out)
     entries = doc if fmt == "mpii" else doc["annotations"]
+    settings = {"ann": ann.name, "format": fmt, "mask_format": mask_format}
+    # masks of an interrupted distributed run (rank 0 first cuts torn lines, then every rank reads the same files)
+    error, resumed = None, 0
+    if dist.is_main:
+        try:
+            resumed = apply_partials(entries, out, settings, repair=True)
+        except BadSampleError as err:
+            error = str(err)
+    error = dist.broadcast(error)
+    if error:
+        raise BadSampleError(error)
+    if not dist.is_main:
+        apply_partials(entries, out, settings)
     jobs = collect_jobs(doc, fmt, str(source))
     stats = {"people": len(entries), "done_before": len(entries) - sum(len(v[1]) for v in jobs.values()), "new": 0}
     stats.update(images=0, skipped_images=0, skipped_people=0)
     skipped: list[dict[str, Any]] = []
-    names = sorted(jobs)
+    names = dist.shard(sorted(jobs))
     if names and segmenter is None:
         raise ValueError("make_sam_masks needs a segmenter for the people without a mask")
     if names and not hasattr(segmenter, "set_image"):
         segmenter = segmenter()  # a loader: SAM is loaded only when there is work left
     bar = names
-    if progress:
+    sidecar = None
+    if dist.distributed:
+        sidecar = open(partial_path(out, dist.rank), "a")  # noqa: SIM115 - closed below, also on errors
+        if sidecar.tell() == 0:
+            sidecar.write(json.dumps({"settings": settings}) + "\n")
+    if progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(names, desc=f"SAM masks {ann.name}", unit="img", dynamic_ncols=True)
+    try:
+        _segment(names, bar, jobs, images, ann, fmt, mask_format, segmenter, stats, every, out, doc, sidecar, strict,
+                 skipped)  # fmt: skip
+    finally:
+        if sidecar is not None:
+            sidecar.close()
+    keys = ("new", "images", "skipped_images", "skipped_people")
+    parts = dist.gather(([stats[k] for k in keys], skipped))
+    dist.barrier()  # every rank's sidecar is complete
+    if not dist.is_main:
+        return stats
+    stats.update({k: sum(p[0][i] for p in parts) for i, k in enumerate(keys)})
+    skipped = sorted((s for p in parts for s in p[1]), key=lambda s: s["file"])
+    if dist.distributed:
+        stats["new_per_rank"] = [p[0][0] for p in parts]
+        apply_partials(entries, out, settings)
+    if names or stats["new"] or resumed or not out.is_file():
+        atomic_write_json(out, doc)
+    write_skip_report(out, skipped)
+    for path in all_partials(out):
+        path.unlink()
+    log.info("%s: %d people, %d had a mask, %d segmented now (%d images) -> %s", ann, stats["people"],
+             stats["done_before"], stats["new"], stats["images"], out)  # fmt: skip
+    return stats
+
+
+def _segment(
+    names, bar, jobs, images, ann, fmt, mask_format, segmenter, stats, every, out, doc, sidecar, strict, skipped
+) -> None:
+    """SAM on this rank's images: masks into the entries (one process: ``out`` rewritten every ``every`` images),
+    or appended to the rank's ``sidecar``."""
     for n, name in enumerate(bar):
         _, todo = jobs[name]
         try:
@@ -212,14 +321,15 @@ def make_sam_masks(
             e["sam_score"] = round(float(s), 4)
         stats["new"] += len(todo)
         stats["images"] += 1
-        if every > 0 and (n + 1) % every == 0 and n + 1 < len(names):
+        if sidecar is not None:
+            rec = {"image": name, "masks": [{"index": i, "segmentation": e["segmentation"],
+                                             "sam_score": e["sam_score"]} for i, e in todo]}  # fmt: skip
+            sidecar.write(json.dumps(rec) + "\n")
+            sidecar.flush()
+            if every > 0 and (n + 1) % every == 0:
+                os.fsync(sidecar.fileno())
+        elif every > 0 and (n + 1) % every == 0 and n + 1 < len(names):
             atomic_write_json(out, doc)  # progress checkpoint: a rerun skips what is written here
-    if names or not out.is_file():
-        atomic_write_json(out, doc)
-    write_skip_report(out, skipped)
-    log.info("%s: %d people, %d had a mask, %d segmented now (%d images) -> %s", ann, stats["people"],
-             stats["done_before"], stats["new"], stats["images"], out)  # fmt: skip
-    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
@@ -236,7 +346,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         raise SystemExit(f"ann=<json> and images=<dir> are required\n{__doc__}")
     local = args.get("local_files_only", "false").lower() in ("1", "true", "yes")
     opts = {"local_files_only": local} if args.get("sam", DEFAULT_SAM2) != "tiny_random" else {}
+    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
+
     device = resolve_device(args.get("device", "cpu"))
+    dist = init_distributed(device)  # torchrun / srun: one shard of the images per rank
+    device = device_for_rank(device, dist.local_rank)
     segmenter = lambda: load_segmenter(args.get("sam", DEFAULT_SAM2), device, **opts)  # noqa: E731
     try:
         return make_sam_masks(
@@ -248,9 +362,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
             mask_format=args.get("mask_format", "rle"),
             every=int(args.get("every", 50)),
             strict=args.get("strict", "false").lower() in ("1", "true", "yes"),
+            dist=dist,
         )
     except (BadSampleError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def test_job_with_tiny_checkpoints(tmp_path, synthetic_root, tiny_ckpts):
     for k in (1, 2):
         expected |= {f"bmp/iter{k}/synthetic/{m}" for m in KEYPOINT_METRICS}
         expected |= {f"bmp/iter{k}/synthetic/{t}_{m}" for t in ("bbox", "segm") for m in DETECTION_METRICS}
-    assert set(metrics) == expected
+    assert set(metrics) == expected | {"bmp/dist/world_size", "bmp/dist/rank0/images", "bmp/dist/rank0/skipped"}
+    assert metrics["bmp/dist/world_size"] == 1 and metrics["bmp/dist/rank0/images"] == 2, "one process, 2 images"
     with open(run / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert (
@@ -179,7 +180,7 @@ def test_job_metric_values_with_oracles(tmp_path, synthetic_root, monkeypatch):
         None,
         loop={"segmenter": "none", "maskout": "pixels", "det_nms_iou": 1.0},
     )  # no box NMS; fmt: skip
-    monkeypatch.setattr(bmp_eval, "build_loop_from_config", lambda cfg: oracle)
+    monkeypatch.setattr(bmp_eval, "build_loop_from_config", lambda cfg, device=None: oracle)
     run = tmp_path / "run"
     cfg = compose_bmp([
         "data=synthetic", f"data.root={synthetic_root}", f"paths.output_dir={run}", "num_vis=0", "logger=csv",
