@@ -44,7 +44,7 @@ from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
-from bmp_lightning.utils.run import atomic_write_json
+from bmp_lightning.utils.run import atomic_write_json, to_json
 
 log = logging.getLogger("bmp_lightning.make_detections")
 
@@ -244,7 +244,7 @@ def make_detections(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(sidecar, "a") as f:
         if f.tell() == 0:
-            f.write(json.dumps({"settings": settings}) + "\n")
+            f.write(to_json({"settings": settings}) + "\n")
         for chunk in _chunks(remaining, batch):
             records, arrays, metas = [], [], []
             for im in chunk:
@@ -260,7 +260,7 @@ def make_detections(
                 records.append({"image_id": im["id"], "detections": dets})
             for rec in records:
                 done[int(rec["image_id"])] = rec
-                f.write(json.dumps(rec) + "\n")
+                f.write(to_json(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a finished image survives a crash of the machine, not only of the process
             stats["new"] += len(metas)

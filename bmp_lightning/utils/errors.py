@@ -22,3 +22,15 @@ def is_user_error(err: BaseException) -> bool:
     from bmp_lightning.interop.checkpoint import UnsafeCheckpointError
 
     return isinstance(err, (UserError, BadSampleError, UnsafeCheckpointError, FileNotFoundError))
+
+
+def find_user_error(err: BaseException) -> BaseException | None:
+    """``err`` or the user error it wraps (Hydra's ``InstantiationException`` chains the target's error as its cause,
+    e.g. a truncated ``model.init_weights`` file), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if is_user_error(err):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
