@@ -240,6 +240,7 @@ class InstSegLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.nonfinite.before_forward(self)
         out = self.model(self.normalize(batch["img"]))
         losses = self.criterion(out, batch["targets"])
         loss = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_mask"]

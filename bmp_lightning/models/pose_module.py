@@ -113,6 +113,7 @@ class PoseLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.nonfinite.before_forward(self)
         heatmaps = self.net(batch["img"])
         loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
         if not self.nonfinite.check(self, loss):

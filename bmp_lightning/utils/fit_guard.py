@@ -102,9 +102,11 @@ def latest_checkpoint(trainer: Any) -> str | None:
 class NonFiniteGuard:
     """Per-step check of the training loss; owned by a LightningModule (``self.nonfinite = NonFiniteGuard(n)``).
 
-    ``check(module, loss)`` in ``training_step`` returns True when the step must be skipped (and raises when the
-    tolerance is used up); the decision is taken across DDP ranks, so every rank skips or stops together.
-    ``skip_step(module, optimizer)`` in ``optimizer_step`` drops the step's gradients instead of stepping.
+    ``before_forward(module)`` at the start of ``training_step`` keeps the buffers (BatchNorm running statistics,
+    which the forward pass of a NaN batch corrupts) when skipping is allowed; ``check(module, loss)`` returns True when
+    the step must be skipped and raises when the tolerance is used up; the decision is taken across
+    DDP ranks, so every rank skips or stops together. ``skip_step(optimizer)`` in ``optimizer_step`` drops the step's
+    gradients and restores the buffers instead of stepping.
 
     Args:
         max_steps: how many non-finite steps to skip before stopping (0: stop at the first).
@@ -116,6 +118,12 @@ class NonFiniteGuard:
         self.max_steps = int(max_steps)
         self.count = 0
         self.pending = False  # this (accumulated) optimizer step saw a non-finite loss
+        self._buffers: dict[str, torch.Tensor] | None = None
+        self._module: Any = None
+
+    def before_forward(self, module: Any) -> None:
+        if self.max_steps:
+            self._buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
 
     def check(self, module: Any, loss: torch.Tensor) -> bool:
         bad = not bool(torch.isfinite(loss.detach()).all())
@@ -143,6 +151,7 @@ class NonFiniteGuard:
             self.max_steps,
         )
         self.pending = True
+        self._module = module
         return True
 
     def skip_step(self, optimizer: Any) -> bool:
@@ -151,6 +160,12 @@ class NonFiniteGuard:
             return False
         self.pending = False
         optimizer.zero_grad(set_to_none=True)
+        if self._buffers is not None and self._module is not None:  # after backward: autograd may still need them
+            with torch.no_grad():
+                for k, b in self._module.named_buffers():
+                    if k in self._buffers:
+                        b.copy_(self._buffers[k])
+        self._module = None
         return True
 
     def state_dict(self) -> dict[str, int]:
