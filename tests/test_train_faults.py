@@ -427,3 +427,42 @@ class KillDuringSaveIO:
                 return super().save_checkpoint(checkpoint, path, storage_options)
 
         return _IO()
+
+
+# ----------------------------------------------------------------------------------------------- skipped samples
+def test_skipped_samples_are_summed_over_workers_into_metrics_and_logger(synthetic_pose_data_dir: Path, tmp_path):
+    """``data.skip_bad_samples=true`` with two unreadable training images and 2 DataLoader workers: the run total of
+    skipped samples reaches metrics.json and the CSV logger (before: only per-worker log lines)."""
+    import csv
+    import shutil
+
+    from bmp_lightning.train import train
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(synthetic_pose_data_dir / "synthetic_smoke", data_dir / "synthetic_smoke")
+    bad = sorted((data_dir / "synthetic_smoke" / "images" / "train").glob("*.jpg"))[:2]
+    for p in bad:
+        p.write_bytes(b"")  # unreadable
+    run = tmp_path / "run"
+    cfg = _pose_cfg(data_dir, run, "data.skip_bad_samples=true", "data.num_workers=2", "logger=csv")
+    metrics, objs = train(cfg)
+
+    # the same epochs' batches in this process: what each requested sample cost in skips
+    dm, trainer = objs["datamodule"], objs["trainer"]
+    expected, bad_requests = 0, 0
+    bad_names = {p.name for p in bad}
+    for epoch in range(trainer.max_epochs):
+        sampler = dm.train_batch_sampler()
+        sampler.set_epoch(epoch)
+        dm.train_dataset.set_epoch(epoch)
+        for b, batch in enumerate(sampler):
+            if b == trainer.limit_train_batches:
+                break
+            for i in batch:
+                expected += dm.train_dataset[i]["skipped"]
+                bad_requests += Path(dm.train_dataset.records[i].image_path).name in bad_names
+    assert expected >= bad_requests > 0
+    assert _strict_json(run / "metrics.json")["train/skipped_samples"] == expected
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(r["train/skipped_samples"]) for r in csv.DictReader(f) if r.get("train/skipped_samples")]
+    assert logged[-1] == expected and len(logged) == 2, "logged at every epoch end (run total so far)"

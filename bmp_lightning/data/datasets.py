@@ -216,7 +216,9 @@ class TopDownPoseDataset(Dataset):
         for attempt in range(self.max_substitutions + 1):
             if tried not in self._bad:
                 try:
-                    return self._prepare(tried)
+                    out = self._prepare(tried)
+                    out["skipped"] = attempt  # bad samples passed over for this one: counted per run (utils/skips.py)
+                    return out
                 except BadSampleError as err:
                     self._bad.add(tried)
                     self.num_skipped += 1

@@ -239,6 +239,7 @@ class InstSegDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng(index)
+        skipped = 0  # bad samples passed over for this one: counted per run (utils/skips.py)
         for _ in range(self.max_refetch):
             try:
                 sample = self.load_sample(index)
@@ -247,11 +248,15 @@ class InstSegDataset(Dataset):
                     raise
                 log.warning("skipping a bad sample: %s", err)
                 sample = None
+                skipped += 1
             pipeline = self.pipeline
             if sample is not None and pipeline is not None:
                 sample = pipeline(sample, rng)
             if sample is not None:
-                return to_tensors(sample)
+                out = to_tensors(sample)
+                if self.skip_bad_samples and not self.test_mode:
+                    out["skipped"] = skipped
+                return out
             if self.test_mode:
                 raise RuntimeError(f"the test pipeline dropped image index {index} of {self.ann_file}")
             index = int(rng.integers(len(self)))  # as mmdet: draw another image
@@ -280,6 +285,7 @@ def collate_instseg(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "img": torch.stack([b["img"] for b in batch]).float(),
         "targets": [{"boxes": b["boxes"], "labels": b["labels"], "masks": b["masks"]} for b in batch],
         "meta": [{k: b[k] for k in META_KEYS if k in b} for b in batch],
+        **({"skipped": torch.tensor([int(b["skipped"]) for b in batch])} if "skipped" in batch[0] else {}),
     }
 
 

@@ -39,6 +39,7 @@ from bmp_lightning.utils.fit_guard import (
     guarded_optimizer_step,
     keep_epoch_unfinished,
 )
+from bmp_lightning.utils.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class InstSegLitModule(L.LightningModule):
         self._evaluator = None
         self._val_name: str | None = val_name
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.skips = SkipCounter()
 
     # ------------------------------------------------------------------ basics
     @property
@@ -241,6 +243,7 @@ class InstSegLitModule(L.LightningModule):
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.nonfinite.before_forward(self)
+        self.skips.add(batch)  # bad samples the dataset passed over (data.skip_bad_samples)
         out = self.model(self.normalize(batch["img"]))
         losses = self.criterion(out, batch["targets"])
         loss = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_mask"]
@@ -254,6 +257,9 @@ class InstSegLitModule(L.LightningModule):
                 "train/nonfinite_steps", float(self.nonfinite.count), on_step=False, on_epoch=True, reduce_fx="max"
             )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.skips.epoch_end(self)  # train/skipped_samples: run total over workers and ranks
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The optimizer step (skipped on a tolerated non-finite loss), then one EMA update (before any callback's
@@ -359,10 +365,12 @@ class InstSegLitModule(L.LightningModule):
         checkpoint["net_config"] = self.net_config
         checkpoint["num_classes"] = self.num_classes
         checkpoint["nonfinite_steps"] = self.nonfinite.count
+        checkpoint["skipped_samples"] = self.skips.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
         self.nonfinite.load_state_dict({"count": checkpoint.get("nonfinite_steps", 0)})
+        self.skips.load_state_dict(checkpoint.get("skipped_samples"))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
