@@ -89,6 +89,7 @@ def det_data_dir(tmp_path_factory) -> Path:
     [
         pytest.param(POSE, 4, 12, id="smoke-mid-epoch-0"),
         pytest.param(POSE, 8, 12, id="smoke-mid-epoch-1"),
+        pytest.param(POSE, 6, 12, id="smoke-epoch-end"),
         pytest.param(DET, 4, 6, id="rtmdet_smoke-mid-epoch-1"),
     ],
 )
@@ -105,10 +106,11 @@ def test_stopped_mid_epoch_and_resumed_equals_uninterrupted(
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     per_epoch = total // full.max_epochs
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    epoch, batches = divmod(stop, per_epoch) if stop % per_epoch else (stop // per_epoch - 1, per_epoch)
     assert (ckpt["global_step"], loader_state["epoch"], loader_state["batches"]) == (
         stop,
-        stop // per_epoch,
-        stop % per_epoch,
+        epoch,
+        batches,
     ), "last.ckpt of the stopped run is its mid-epoch state"
 
     resumed = _train(base, data_dir, tmp_path / "resumed", f"ckpt_path={last}")
@@ -147,3 +149,21 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(synthetic_pose_data_
         _weights(tmp_path / "full" / "checkpoints" / "last.ckpt"),
         _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt"),
     )
+
+
+def test_a_loader_built_before_the_restore_fails_loudly(
+    synthetic_pose_data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The old cause, re-introduced: ``estimated_stepping_batches`` in ``configure_optimizers`` builds the loader before
+    the checkpoint is restored. The resume must stop with an error instead of replaying the epoch's first batches."""
+    import bmp_lightning.models.pose_module as pose_module
+
+    def old_estimate(trainer) -> int:
+        return max(1, int(trainer.estimated_stepping_batches // max(1, trainer.max_epochs)))
+
+    data = synthetic_pose_data_dir
+    _train(POSE, data, tmp_path / "stopped", "+trainer.max_steps=4")
+    monkeypatch.setattr(pose_module, "train_steps_per_epoch", old_estimate)
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    with pytest.raises(RuntimeError, match="training-data position was not applied"):
+        _train(POSE, data, tmp_path / "resumed", f"ckpt_path={last}")

@@ -36,6 +36,7 @@ from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,
     check_finite_state,
+    check_loader_state_applied,
     guarded_optimizer_step,
     keep_epoch_unfinished,
 )
@@ -257,6 +258,9 @@ class InstSegLitModule(L.LightningModule):
                 "train/nonfinite_steps", float(self.nonfinite.count), on_step=False, on_epoch=True, reduce_fx="max"
             )
         return loss
+
+    def on_train_start(self) -> None:
+        check_loader_state_applied(self.trainer)  # a mid-epoch resume continues where it stopped, or fails
 
     def on_train_epoch_end(self) -> None:
         self.skips.epoch_end(self)  # train/skipped_samples: run total over workers and ranks

@@ -56,6 +56,23 @@ def keep_epoch_unfinished(trainer: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint["epoch"] = loops["epoch_progress"]["current"]["completed"]
 
 
+def check_loader_state_applied(trainer: Any) -> None:
+    """At ``on_train_start`` of a resumed fit: raise if the checkpoint's training-loader state was never applied.
+
+    Lightning applies it only while it builds the training loader after restoring the loops; a loader built earlier
+    (``trainer.estimated_stepping_batches`` in ``configure_optimizers`` did that) keeps the state pending forever, and
+    the resumed epoch silently restarts from its first batch. Loud instead of silently wrong.
+    """
+    fit_loop = getattr(trainer, "fit_loop", None)
+    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if pending and getattr(fit_loop, "restarting", False):  # not restarting: an epoch-end checkpoint, nothing to apply
+        raise RuntimeError(
+            "the checkpoint's training-data position was not applied: the training DataLoader was built before "
+            "Lightning restored the checkpoint (e.g. trainer.estimated_stepping_batches in configure_optimizers; use "
+            "bmp_lightning.models.optim.train_steps_per_epoch), so the resumed epoch would replay its first batches"
+        )
+
+
 def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
     """The first key whose floating-point tensor holds a NaN/inf (nested mappings are searched), else None."""
     for key, value in tensors.items():
