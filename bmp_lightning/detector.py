@@ -3,9 +3,9 @@
     det = Detector.from_checkpoint("rtmdet-ins_l_8xb32-300e_coco.pth")   # MMDetection, ours, or a Lightning .ckpt
     results = det(["a.jpg", rgb_array])                                   # one dict per image
 
-Test-time preprocessing follows MMDetection (``mm_architectures.md`` B1): keep-ratio resize to fit 640x640
+Test-time preprocessing follows MMDetection (docs/recipes.md#rtmdet-ins-l): keep-ratio resize to fit 640x640
 (cv2 bilinear, new size ``int(x * f + 0.5)``), pad bottom/right with 114, RGB -> BGR, normalise with the BGR
-mean/std. Post-processing is ``rtmdet.postprocess`` (B6).
+mean/std. Post-processing is ``rtmdet.postprocess``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -15,28 +15,9 @@ EXPERIMENTS = [e for e in ALL_EXPERIMENTS if e not in BMP_JOB_EXPERIMENTS]
 PAPER = ("vitpose_b", "maskpose_b")
 
 
-def _compose(experiment: str, tmp_path: Path, config: str = "train.yaml", extra: tuple[str, ...] = ()) -> DictConfig:
-    """The job config as the entry point sees it (``hydra:`` interpolations resolvable, no ``hydra`` node)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config,
-            return_hydra_config=True,
-            overrides=[
-                f"experiment={experiment}",
-                f"paths.data_dir={tmp_path / 'data'}",
-                f"paths.output_dir={tmp_path / 'out'}",
-                f"paths.root_dir={tmp_path}",
-                f"hydra.runtime.output_dir={tmp_path / 'out'}",
-                *extra,
-            ],
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+def _experiment(compose, experiment: str, tmp_path: Path) -> DictConfig:
+    """``experiment=<name>`` through a conftest factory; weights (``paths.root_dir``) and data in ``tmp_path``."""
+    return compose(f"experiment={experiment}", f"paths.root_dir={tmp_path}", out_dir=tmp_path / "out")
 
 
 def test_paper_experiments_exist():
@@ -44,11 +25,11 @@ def test_paper_experiments_exist():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_builds(experiment: str, tmp_path: Path):
+def test_experiment_composes_and_builds(experiment: str, tmp_path: Path, cfg_train):
     """Resolve the whole config (no missing interpolation) and build the data module and the network."""
     import hydra
 
-    cfg = _compose(experiment, tmp_path)
+    cfg = _experiment(cfg_train, experiment, tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.experiment_name
     if cfg.get("data") is not None and "_target_" in cfg.data:
@@ -65,11 +46,11 @@ def test_experiment_composes_and_builds(experiment: str, tmp_path: Path):
 
 
 @pytest.mark.parametrize("experiment", PAPER)
-def test_paper_recipe(experiment: str, tmp_path: Path):
-    """BBoxMaskPose's recipe (reference/bmp_reference.md 2): the numbers a re-run must use."""
+def test_paper_recipe(experiment: str, tmp_path: Path, cfg_train):
+    """BBoxMaskPose's recipe (docs/recipes.md#vitpose-b): the numbers a re-run must use."""
     from bmp_lightning.data.samplers import per_source_counts
 
-    cfg = _compose(experiment, tmp_path)
+    cfg = _experiment(cfg_train, experiment, tmp_path)
     m, d, t = cfg.model, cfg.data, cfg.trainer
     assert m._target_ == "bmp_lightning.models.pose_module.PoseLitModule"
     assert m.net._target_.rsplit(".", 1)[-1] in ("vitpose_b", "maskpose_b")  # the same network
@@ -105,13 +86,13 @@ def test_paper_recipe(experiment: str, tmp_path: Path):
     assert per_source == [22, 21, 21]
 
 
-def test_paper_layer_decay_on_vit_b(tmp_path: Path):
+def test_paper_layer_decay_on_vit_b(tmp_path: Path, cfg_train):
     """The composed ViTPose-B module's optimizer groups: head x1, last block x0.75, patch embedding x0.75^13."""
     import hydra
 
     from bmp_lightning.models.optim import layer_decay_param_groups
 
-    cfg = _compose("vitpose_b", tmp_path)
+    cfg = _experiment(cfg_train, "vitpose_b", tmp_path)
     net = hydra.utils.instantiate(cfg.model.net)
     groups = layer_decay_param_groups(
         net, base_lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, layer_decay=0.75, num_layers=14
@@ -131,10 +112,10 @@ def test_paper_layer_decay_on_vit_b(tmp_path: Path):
 
 
 @pytest.mark.parametrize("experiment", ["eval_maskpose_b_official", "eval_vitpose_b_official"])
-def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_path: Path):
+def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_path: Path, cfg_eval):
     if experiment not in EXPERIMENTS:
         pytest.skip(f"{experiment} not in conf/experiment")
-    cfg = _compose(experiment, tmp_path, config="eval.yaml")
+    cfg = _experiment(cfg_eval, experiment, tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.ckpt_path is None and cfg.model.init_weights.startswith(str(tmp_path / "weights"))
     assert cfg.model.use_mask == cfg.data.use_mask == ("maskpose" in experiment)
@@ -142,10 +123,6 @@ def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_p
 
 
 @pytest.mark.parametrize("experiment", BMP_JOB_EXPERIMENTS)
-def test_bmp_job_experiments_compose_with_bmp_yaml(experiment: str, tmp_path: Path):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        overrides = [f"+experiment={experiment}", f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}"]
-        cfg = compose("bmp.yaml", overrides=overrides)
+def test_bmp_job_experiments_compose_with_bmp_yaml(experiment: str, tmp_path: Path, cfg_bmp):
+    cfg = cfg_bmp(f"+experiment={experiment}", f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}")
     assert cfg.task_name == "bmp" and cfg.loop.num_iters >= 2

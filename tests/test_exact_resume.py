@@ -17,9 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import TINY, _compose, _run
+from tests.conftest import compose_job
+from tests.test_train import TINY, _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compose(config_name: str, overrides: list[str], out_dir: Path):
+    """``conf/<config_name>`` composed as the entry point sees it, run dir ``out_dir``."""
+    return compose_job(config_name, *overrides, base_dir=out_dir.parent, out_dir=out_dir)
+
 
 # 2 epochs of 6 steps, one DataLoader worker, last.ckpt after every step (and at epoch end, after validation)
 POSE = [

@@ -15,28 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-
-def _compose(overrides: list[str], out_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        cfg.paths.work_dir = str(ROOT)
-        del cfg["hydra"]
-    return cfg
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_tiny_detector_learns_synthetic_crowds(tmp_path: Path) -> None:
+def test_tiny_detector_learns_synthetic_crowds(tmp_path: Path, cfg_train) -> None:
     import hydra
     import lightning as L
     import numpy as np
@@ -48,21 +30,19 @@ def test_tiny_detector_learns_synthetic_crowds(tmp_path: Path) -> None:
     from bmp_lightning.train import train
 
     out = tmp_path / "run"
-    cfg = _compose(
-        [
-            "experiment=rtmdet_smoke",
-            "logger=csv",
-            f"paths.data_dir={tmp_path / 'data'}",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            "data.input_size=256",
-            "data.train_scale=256",
-            "data.stage2_scale=256",
-            "data.num_workers=0",
-            "data.pin_memory=false",
-            "callbacks.rich_progress_bar=null",
-            "callbacks.lr_monitor=null",
-        ],
-        out,
+    cfg = cfg_train(
+        "experiment=rtmdet_smoke",
+        "logger=csv",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "data.input_size=256",
+        "data.train_scale=256",
+        "data.stage2_scale=256",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.lr_monitor=null",
+        out_dir=out,
     )
     torch.set_num_threads(1)  # one core, no spinning OpenMP threads when the machine is shared (as torch_threads=1)
     start = time.perf_counter()

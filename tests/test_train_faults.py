@@ -20,9 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train import ROOT, TINY, _compose, _run
+from tests.conftest import compose_job
+from tests.test_train import ROOT, TINY, _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compose(config_name: str, overrides: list[str], out_dir: Path):
+    """``conf/<config_name>`` composed as the entry point sees it, run dir ``out_dir``."""
+    return compose_job(config_name, *overrides, base_dir=out_dir.parent, out_dir=out_dir)
+
 
 # 2 epochs of 4 steps, a checkpoint after every step
 SHORT = [
@@ -430,39 +437,79 @@ class KillDuringSaveIO:
 
 
 # ----------------------------------------------------------------------------------------------- skipped samples
-def test_skipped_samples_are_summed_over_workers_into_metrics_and_logger(synthetic_pose_data_dir: Path, tmp_path):
-    """``data.skip_bad_samples=true`` with two unreadable training images and 2 DataLoader workers: the run total of
-    skipped samples reaches metrics.json and the CSV logger (before: only per-worker log lines)."""
-    import csv
+def _with_bad_images(synthetic_pose_data_dir: Path, tmp_path: Path, n: int = 2) -> tuple[Path, set[str]]:
+    """A copy of the synthetic data whose first ``n`` training images are empty files (unreadable)."""
     import shutil
-
-    from bmp_lightning.train import train
 
     data_dir = tmp_path / "data"
     shutil.copytree(synthetic_pose_data_dir / "synthetic_smoke", data_dir / "synthetic_smoke")
-    bad = sorted((data_dir / "synthetic_smoke" / "images" / "train").glob("*.jpg"))[:2]
+    bad = sorted((data_dir / "synthetic_smoke" / "images" / "train").glob("*.jpg"))[:n]
     for p in bad:
-        p.write_bytes(b"")  # unreadable
-    run = tmp_path / "run"
-    cfg = _pose_cfg(data_dir, run, "data.skip_bad_samples=true", "data.num_workers=2", "logger=csv")
-    metrics, objs = train(cfg)
+        p.write_bytes(b"")
+    return data_dir, {p.name for p in bad}
 
-    # the same epochs' batches in this process: what each requested sample cost in skips
-    dm, trainer = objs["datamodule"], objs["trainer"]
-    expected, bad_requests = 0, 0
-    bad_names = {p.name for p in bad}
-    for epoch in range(trainer.max_epochs):
-        sampler = dm.train_batch_sampler()
-        sampler.set_epoch(epoch)
-        dm.train_dataset.set_epoch(epoch)
-        for b, batch in enumerate(sampler):
-            if b == trainer.limit_train_batches:
-                break
-            for i in batch:
-                expected += dm.train_dataset[i]["skipped"]
-                bad_requests += Path(dm.train_dataset.records[i].image_path).name in bad_names
-    assert expected >= bad_requests > 0
-    assert _strict_json(run / "metrics.json")["train/skipped_samples"] == expected
+
+def _expected_skips(dm, epochs: int, batches: int, bad_names: set[str], world: int = 1) -> tuple[int, int]:
+    """The run's batches replayed in this process on a cleared SkipLog: (distinct skipped samples, distinct requested
+    samples whose image is bad: a lower bound that does not use the dataset's skip code)."""
+    ds = dm.train_dataset
+    ds.skips.flags.zero_()
+    bad_requested = set()
+    for rank in range(world):
+        for epoch in range(epochs):
+            sampler = dm.train_batch_sampler()
+            sampler.num_replicas, sampler.rank = world, rank
+            sampler.set_epoch(epoch)
+            ds.set_epoch(epoch)
+            for _, indices in zip(range(batches), sampler):
+                for i in indices:
+                    ds[i]
+                    if Path(ds.records[i].image_path).name in bad_names:
+                        bad_requested.add(i)
+    return ds.num_bad, len(bad_requested)
+
+
+def test_skipped_samples_over_workers_reach_metrics_and_logger(synthetic_pose_data_dir: Path, tmp_path: Path) -> None:
+    """``data.skip_bad_samples=true``, two unreadable training images, 2 DataLoader workers: the distinct skipped
+    samples of all workers reach metrics.json and the CSV logger (before: only per-worker log lines)."""
+    import csv
+
+    from bmp_lightning.train import train
+
+    data_dir, names = _with_bad_images(synthetic_pose_data_dir, tmp_path)
+    run = tmp_path / "run"
+    # whole epochs: with limit_train_batches the workers' prefetching would load (and skip) beyond the limit
+    full_epochs = ["trainer.limit_train_batches=1.0", "data.num_workers=2", "data.batch_size=16"]
+    cfg = _pose_cfg(data_dir, run, "data.skip_bad_samples=true", *full_epochs)
+    metrics, objs = train(cfg)
+    expected, lower = _expected_skips(objs["datamodule"], 2, 10**6, names)
+    assert expected >= lower > 0
+    saved = _strict_json(run / "metrics.json")
+    assert saved["train/skipped_samples"] == expected and saved["train/skipped_entries"] == 0
     with open(run / "csv" / "metrics.csv") as f:
         logged = [float(r["train/skipped_samples"]) for r in csv.DictReader(f) if r.get("train/skipped_samples")]
-    assert logged[-1] == expected and len(logged) == 2, "logged at every epoch end (run total so far)"
+    assert len(logged) == 2 and logged[-1] == expected, "logged at every epoch end (run total so far)"
+
+
+def test_skipped_samples_are_combined_over_ddp_ranks(synthetic_pose_data_dir: Path, tmp_path: Path) -> None:
+    """2 DDP processes (CPU, gloo): each rank marks what its own sampler drew; the reported count is their union."""
+    import hydra
+
+    from bmp_lightning.train import train
+
+    data_dir, names = _with_bad_images(synthetic_pose_data_dir, tmp_path, n=3)
+    run = tmp_path / "run"
+    cfg = _pose_cfg(
+        data_dir,
+        run,
+        "trainer=ddp_sim",
+        "data.skip_bad_samples=true",
+        "trainer.max_epochs=1",
+        "callbacks.visualizer=null",
+    )
+    train(cfg)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    union, lower = _expected_skips(dm, 1, 4, names, world=2)
+    assert union >= lower > 0
+    assert _strict_json(run / "metrics.json")["train/skipped_samples"] == union

@@ -1,7 +1,7 @@
 """UDP Gaussian heatmap codec (encode for training targets, batched DARK-UDP decode in torch).
 
 Facts carried over from MMPose 1.x ``UDPHeatmap(input_size=(192, 256), heatmap_size=(48, 64), sigma=2)``
-(see ``reference/mm_architectures.md`` A7-A9):
+(MMPose ``mmpose/codecs/udp_heatmap.py``; docs/recipes.md#vitpose-b):
 
 * heatmap coordinate = input coordinate * (hm_size - 1) / (input_size - 1) (the UDP convention: pixel 0 and pixel
   size-1 of both grids coincide);

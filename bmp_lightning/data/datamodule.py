@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
-from bmp_lightning.data.readers import read_detections, read_source
-from bmp_lightning.data.records import PersonRecord
+from bmp_lightning.data.readers import ReadReport, read_detections, read_source
+from bmp_lightning.data.records import PersonRecord, skip_summary
 from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader, fit_loop_epoch
 from bmp_lightning.utils.common import dist_world, to_plain
 
@@ -129,6 +129,7 @@ class PoseDataModule(L.LightningDataModule):
         self.train_dataset: TopDownPoseDataset | None = None
         self.train_source_sizes: list[int] = []
         self.val_sets_info: list[ValSet] = []
+        self.read_reports: list[ReadReport] = []  # what the readers kept / filtered / skipped, per file
 
     # ------------------------------------------------------------------ config helpers
     def _path(self, p: str | None) -> str | None:
@@ -208,6 +209,7 @@ class PoseDataModule(L.LightningDataModule):
                 self._path(s["img_dir"]),
                 source=s["source"],
                 skip_bad_samples=self.skip_bad_samples,
+                report=self._new_report(),
                 **extra,
             )
             if not recs and float(s["ratio"]) > 0:
@@ -247,12 +249,14 @@ class PoseDataModule(L.LightningDataModule):
                     score_thr=vs.bbox_score_thr,
                     source=vs.source,
                     skip_bad_samples=self.skip_bad_samples,
+                    report=self._new_report(),
                 )
             else:
                 extra = {k: v[k] for k in ("keypoint_format", "num_keypoints") if v.get(k) is not None}
                 vs.records = read_source(
-                    vs.reader, vs.ann_file, vs.img_dir, vs.source, skip_bad_samples=self.skip_bad_samples, **extra
-                )
+                    vs.reader, vs.ann_file, vs.img_dir, vs.source, skip_bad_samples=self.skip_bad_samples,
+                    report=self._new_report(), **extra,
+                )  # fmt: skip
             vs.dataset = TopDownPoseDataset(
                 vs.records,
                 self.pipeline(train=False, use_mask=vs.use_mask, mask_optional=v.get("mask_optional")),
@@ -340,3 +344,15 @@ class PoseDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+    # ------------------------------------------------------------------ bad input
+    def _new_report(self) -> ReadReport:
+        self.read_reports.append(ReadReport())
+        return self.read_reports[-1]
+
+    def skip_report(self, limit: int = 100) -> dict[str, Any]:
+        """Annotation entries and samples skipped so far (``skip_bad_samples=true``) on this rank, workers included
+        (:func:`bmp_lightning.data.records.skip_summary`; datasets ``train`` and ``val/<name>``). Across ranks:
+        ``all_reduce(dataset.skips.flags, MAX)`` before counting (a rank sees the samples its sampler drew)."""
+        datasets = {"train": self.train_dataset, **{f"val/{vs.name}": vs.dataset for vs in self.val_sets_info}}
+        return skip_summary(datasets, self.read_reports, limit)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bmp_lightning.data.io import read_image
-from bmp_lightning.data.records import BadSampleError, PersonRecord
+from bmp_lightning.data.records import BadSampleError, PersonRecord, SkipLog
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,9 @@ class TopDownPoseDataset(Dataset):
         codec: encodes ``keypoints``/``keypoints_visible`` of the transformed sample into heatmaps when the
             pipeline does not (anything with ``encode(keypoints, visible) -> (heatmaps, weights)``).
         skip_bad_samples: on a missing/corrupt image or an unusable mask, log, count and return another sample
-            instead of raising :class:`BadSampleError`.
+            instead of raising :class:`BadSampleError`. The skipped samples are in :attr:`skips` (shared with the
+            DataLoader workers: :attr:`num_bad`, :meth:`skip_report`); ``num_skipped`` counts the substitutions
+            made in this process.
         normalize: normalise the image here (else the model does it on the device).
         seed: base seed of the augmentation RNG.
         use_mask: decode instance masks; default: the pipeline's ``use_mask``/``needs_mask`` attribute.
@@ -123,7 +125,7 @@ class TopDownPoseDataset(Dataset):
         # shared memory: DataLoader workers (persistent ones too) see set_epoch() of the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.num_skipped = 0
-        self._bad: set[int] = set()
+        self.skips = SkipLog(len(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -146,16 +148,22 @@ class TopDownPoseDataset(Dataset):
         if rec.image_size is not None and tuple(rec.image_size) != (h, w):
             raise BadSampleError(
                 f"{rec.where()}: image {rec.image_path} is {h}x{w} but the annotation says "
-                f"{rec.image_size[0]}x{rec.image_size[1]}"
+                f"{rec.image_size[0]}x{rec.image_size[1]}",
+                kind="image size differs from the annotation",
             )
         mask = None
         if self.use_mask and rec.has_mask:
             try:
                 mask = rec.mask(h, w)
             except (TypeError, ValueError, KeyError) as err:  # BadSampleError is a ValueError too
-                raise BadSampleError(f"{rec.where()}: cannot decode the segmentation: {err}") from err
+                raise BadSampleError(
+                    f"{rec.where()}: cannot decode the segmentation: {err}", kind="segmentation unusable"
+                ) from err
             if mask.shape != (h, w):
-                raise BadSampleError(f"{rec.where()}: mask is {mask.shape}, image {rec.image_path} is {(h, w)}")
+                raise BadSampleError(
+                    f"{rec.where()}: mask is {mask.shape}, image {rec.image_path} is {(h, w)}",
+                    kind="segmentation unusable",
+                )
         kpts = rec.keypoints
         return {
             "img": img,
@@ -214,15 +222,27 @@ class TopDownPoseDataset(Dataset):
             return self._prepare(index)
         tried = index
         for attempt in range(self.max_substitutions + 1):
-            if tried not in self._bad:
+            if not self.skips.is_bad(tried):
                 try:
-                    out = self._prepare(tried)
-                    out["skipped"] = attempt  # bad samples passed over for this one: counted per run (utils/skips.py)
-                    return out
+                    return self._prepare(tried)
                 except BadSampleError as err:
-                    self._bad.add(tried)
+                    self.skips.mark(tried, err)
                     self.num_skipped += 1
                     log.warning("skipping bad sample #%d (%d so far in this process): %s", tried, self.num_skipped, err)
             # a deterministic substitute: the same replacement for the same (seed, epoch, index, attempt)
             tried = int(np.random.default_rng([self.seed, self.epoch, index, attempt]).integers(len(self)))
         raise BadSampleError(f"no usable sample found after {self.max_substitutions} substitutions for index {index}")
+
+    @property
+    def num_bad(self) -> int:
+        """Distinct samples found bad and skipped so far, by this process and its DataLoader workers."""
+        return self.skips.count
+
+    def skip_report(self, limit: int = 100) -> dict[str, Any]:
+        """``{"skipped": n, "samples": [{"index", "file", "entry", "reason"}, ...]}`` (see :class:`SkipLog`)."""
+
+        def describe(i: int) -> dict[str, str]:
+            rec = self.records[i]
+            return {"file": rec.image_path, "entry": rec.where()}
+
+        return self.skips.report(describe, limit)

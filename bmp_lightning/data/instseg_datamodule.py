@@ -30,6 +30,7 @@ from bmp_lightning.data.instseg_dataset import (
     to_tensors,
 )
 from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, build_train_pipeline
+from bmp_lightning.data.records import skip_summary
 from bmp_lightning.data.samplers import ResumableDataLoader, ShardedBatchSampler, fit_loop_epoch
 from bmp_lightning.utils.common import to_plain
 
@@ -294,6 +295,11 @@ class InstSegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def skip_report(self, limit: int = 100) -> dict[str, Any]:
+        """Images skipped so far (``skip_bad_samples=true``) on this rank, workers included (see
+        :func:`bmp_lightning.data.records.skip_summary`; datasets ``train`` and ``val``)."""
+        return skip_summary({"train": self.train_dataset, "val": self.val_dataset}, limit=limit)
 
 
 class InstSegPipelineSwitch(L.Callback):

@@ -5,7 +5,7 @@ normalises on the device), "targets": [{"boxes" (M, 4) float32 xyxy input pixels
 "masks" (M, S, S) uint8 at the padded input size}], "meta": [{"image_id", "ori_shape" (h, w), "img_shape" (h, w)
 of the resized content before padding, "scale_factor" (w, h), "flip", "file_name"}]}``.
 
-Annotation handling follows MMDetection's ``CocoDataset`` (``bmp_reference.md`` §4, ``filter_cfg``): an annotation is
+Annotation handling follows MMDetection's ``CocoDataset`` (``filter_cfg``, docs/recipes.md#sources): an annotation is
 used when its box overlaps the image, ``area > 0``, ``w >= 1``, ``h >= 1`` and its category is selected; crowd
 annotations and annotations without a usable polygon are ignored (upstream carries them as "ignore" instances, which
 RTMDet never uses). Training images are kept when ``min(w, h) >= min_size`` and, with ``filter_empty_gt``, when the
@@ -28,7 +28,8 @@ from torch.utils.data import Dataset, DistributedSampler
 from bmp_lightning.data.instseg_transforms import Compose
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import segmentation_to_mask
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.data.readers import check_image_entry
+from bmp_lightning.data.records import BadSampleError, SkipLog
 from bmp_lightning.utils.common import dist_world
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class InstSegDataset(Dataset):
         test_mode: no filtering, no redraws.
         seed: augmentation RNG is ``default_rng([seed, epoch, index])``.
         max_images: keep only the first N images (after filtering); for quick runs.
-        skip_bad_samples: log and redraw on a missing/corrupt image instead of raising (training only).
+        skip_bad_samples: log and redraw on a missing/corrupt image instead of raising (training only); the
+            skipped images are in :attr:`skips` (shared with the DataLoader workers: :attr:`num_bad`,
+            :meth:`skip_report`).
         pipelines: ``{stage: pipeline}``; :meth:`set_stage` picks one (shared memory, so DataLoader workers follow).
     """
 
@@ -87,6 +90,7 @@ class InstSegDataset(Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._stage = torch.full((), min(self.pipelines), dtype=torch.int64).share_memory_()
         self._load(classes, filter_empty_gt, min_size, max_images)
+        self.skips = SkipLog(len(self))
 
     # ------------------------------------------------------------------ annotations
     def _load(self, classes: str | Sequence[str], filter_empty_gt: bool, min_size: int, max_images: int | None) -> None:
@@ -112,14 +116,40 @@ class InstSegDataset(Dataset):
 
         per_image: dict[int, list[tuple[list[float], int, Any, int]]] = {}
         has_cat: set[int] = set()
-        images = {}
-        for img in doc["images"]:
-            images[img["id"]] = img
-            per_image[img["id"]] = []
-        for ann in doc["annotations"]:
+        images: dict[int, dict] = {}
+        skipped: dict[int, str] = {}  # image id -> why (skip_bad_samples)
+        self.entries_skipped: list[str] = []
+        for i, img in enumerate(doc["images"]):
+            try:
+                check_image_entry(img, f"{self.ann_file}, images[{i}]")
+                if img["id"] in images:
+                    raise BadSampleError(f"{self.ann_file}, images[{i}]: id {img['id']} repeats an earlier entry")
+            except BadSampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self.entries_skipped.append(str(err))
+                if isinstance(img, dict) and isinstance(img.get("id"), int):
+                    skipped[img["id"]] = f"images[{i}] skipped"
+                    images.pop(img["id"], None)
+                continue
+            if img["id"] not in skipped:
+                images[img["id"]] = img
+                per_image[img["id"]] = []
+        ann_ids: set[int] = set()
+        for i, ann in enumerate(doc["annotations"]):
             img_id = ann.get("image_id")
-            if img_id not in images:
-                raise BadSampleError(f"{self.ann_file}: annotation id={ann.get('id')} refers to unknown image {img_id}")
+            try:
+                if ann.get("id") is not None and ann["id"] in ann_ids:
+                    raise BadSampleError(f"{self.ann_file}, annotations[{i}]: id={ann['id']} repeats an earlier one")
+                if img_id not in images:
+                    why = skipped.get(img_id, "is unknown")
+                    raise BadSampleError(f"{self.ann_file}: annotation id={ann.get('id')}: image {img_id} {why}")
+            except BadSampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self.entries_skipped.append(str(err))
+                continue
+            ann_ids.add(ann.get("id"))
             cid = ann.get("category_id")
             if cid not in cat2label:
                 continue
@@ -163,6 +193,9 @@ class InstSegDataset(Dataset):
         self._offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
         log.info("%s: %d images, %d classes", self.ann_file, len(records), len(self.cat_ids))
+        if self.entries_skipped:
+            log.warning("skipped %d bad entries in %s (first: %s)", len(self.entries_skipped), self.ann_file,
+                        "; ".join(self.entries_skipped[:5]))  # fmt: skip
 
     @property
     def num_classes(self) -> int:
@@ -213,16 +246,25 @@ class InstSegDataset(Dataset):
         img = read_image(path, where=where)
         h, w = img.shape[:2]
         if (h, w) != (rec["height"], rec["width"]):
-            raise BadSampleError(f"{where}: image {path} is {h}x{w} but the json says {rec['height']}x{rec['width']}")
+            raise BadSampleError(
+                f"{where}: image {path} is {h}x{w} but the json says {rec['height']}x{rec['width']}",
+                kind="image size differs from the annotation",
+            )
         anns = rec["anns"]
         masks = np.zeros((len(anns), h, w), np.uint8)
         for i, (_, _, seg, ann_id) in enumerate(anns):
             try:
                 m = segmentation_to_mask(seg, h, w)
             except Exception as err:  # pycocotools raises plain Exceptions on malformed RLE
-                raise BadSampleError(f"{where}, annotation id={ann_id}: cannot decode the segmentation: {err}") from err
+                raise BadSampleError(
+                    f"{where}, annotation id={ann_id}: cannot decode the segmentation: {err}",
+                    kind="segmentation unusable",
+                ) from err
             if m.shape != (h, w):
-                raise BadSampleError(f"{where}, annotation id={ann_id}: mask is {m.shape}, image is {(h, w)}")
+                raise BadSampleError(
+                    f"{where}, annotation id={ann_id}: mask is {m.shape}, image is {(h, w)}",
+                    kind="segmentation unusable",
+                )
             masks[i] = m
         return {
             "img": img,
@@ -239,28 +281,42 @@ class InstSegDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = self.rng(index)
-        skipped = 0  # bad samples passed over for this one: counted per run (utils/skips.py)
         for _ in range(self.max_refetch):
-            try:
-                sample = self.load_sample(index)
-            except BadSampleError as err:
-                if self.test_mode or not self.skip_bad_samples:
-                    raise
-                log.warning("skipping a bad sample: %s", err)
-                sample = None
-                skipped += 1
+            sample = None
+            if not self.skips.is_bad(index):
+                try:
+                    sample = self.load_sample(index)
+                except BadSampleError as err:
+                    if self.test_mode or not self.skip_bad_samples:
+                        raise
+                    self.skips.mark(index, err)
+                    log.warning("skipping a bad sample (%d images so far): %s", self.skips.count, err)
             pipeline = self.pipeline
             if sample is not None and pipeline is not None:
                 sample = pipeline(sample, rng)
             if sample is not None:
-                out = to_tensors(sample)
-                if self.skip_bad_samples and not self.test_mode:
-                    out["skipped"] = skipped
-                return out
+                return to_tensors(sample)
             if self.test_mode:
                 raise RuntimeError(f"the test pipeline dropped image index {index} of {self.ann_file}")
             index = int(rng.integers(len(self)))  # as mmdet: draw another image
         raise RuntimeError(f"{self.ann_file}: {self.max_refetch} redraws in a row were dropped by the pipeline")
+
+    @property
+    def num_bad(self) -> int:
+        """Distinct images found bad and skipped so far, by this process and its DataLoader workers."""
+        return self.skips.count
+
+    def skip_report(self, limit: int = 100) -> dict[str, Any]:
+        """``{"skipped": n, "samples": [{"index", "file", "entry", "reason"}, ...]}`` (see :class:`SkipLog`)."""
+
+        def describe(i: int) -> dict[str, str]:
+            rec = self.record(i)
+            return {
+                "file": os.path.join(self.img_dir, rec["file_name"]),
+                "entry": f"{self.ann_file}, image_id={rec['image_id']}",
+            }
+
+        return self.skips.report(describe, limit)
 
 
 def to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +341,6 @@ def collate_instseg(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "img": torch.stack([b["img"] for b in batch]).float(),
         "targets": [{"boxes": b["boxes"], "labels": b["labels"], "masks": b["masks"]} for b in batch],
         "meta": [{k: b[k] for k in META_KEYS if k in b} for b in batch],
-        **({"skipped": torch.tensor([int(b["skipped"]) for b in batch])} if "skipped" in batch[0] else {}),
     }
 
 

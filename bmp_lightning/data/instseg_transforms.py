@@ -10,7 +10,7 @@ resize, ``img_shape`` ``(h, w)`` of the content before padding, ``flip``.
 
 Every transform is ``t(sample, rng) -> sample | None`` with a ``numpy.random.Generator``; ``None`` means "drop this
 sample and draw another" (only :class:`FilterAnnotations` does that, as upstream). The geometry follows
-MMDetection 3.x (``mm_architectures.md`` B1, B8): keep-ratio resize with ``int(x * f + 0.5)`` sizes, bilinear
+MMDetection 3.x (``rtmdet-ins_l_8xb32-300e_coco.py``): keep-ratio resize with ``int(x * f + 0.5)`` sizes, bilinear
 images / nearest masks, crop offsets uniform in ``[0, margin]``, boxes recomputed from cropped masks with the
 ``+1`` max edge, bottom/right padding.
 
@@ -19,7 +19,7 @@ polygons (``poly2mask=False``), transforms their coordinates and rasterises at t
 tight pixel boxes (``+1`` max edge) rather than polygon extents, i.e. up to about a pixel larger.
 
 ``RemoveRandomInstances`` is our documented reconstruction of BMP's unpublished "mask-out" augmentation
-(``bmp_reference.md`` §4, ``DESIGN.md`` §5).
+(docs/departures.md#removerandominstances).
 """
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def build_train_pipeline(
     pad_val: int = 114,
     min_gt_bbox_wh: tuple[float, float] = (1.0, 1.0),
 ) -> Compose:
-    """The RTMDet-Ins fine-tuning pipeline (``bmp_reference.md`` §4; Mosaic/MixUp are off there).
+    """The RTMDet-Ins fine-tuning pipeline (docs/recipes.md#mask-out-fine-tune; Mosaic/MixUp are off there).
 
     Stage 1: [RemoveRandomInstances] -> RandomResize(scale) -> RandomCrop -> HSV -> Flip -> Pad -> FilterAnnotations.
     Stage 2 (last epochs): no RemoveRandomInstances, RandomResize at ``stage2_scale`` (default ``input_size``).

@@ -1,25 +1,100 @@
-"""Image reading: RGB uint8 everywhere in the project (the detector flips to BGR itself)."""
+"""Image reading: RGB uint8 everywhere in the project (the detector flips to BGR itself).
+
+A truncated JPEG is the one broken file OpenCV does not refuse: libjpeg only warns ("Premature end of JPEG file")
+and ``cv2.imread`` returns the image with the missing part filled in gray. :func:`check_image_bytes` finds it from
+the file's bytes (the JPEG segment structure must reach its end-of-image marker) before decoding; every other
+broken file (random bytes, empty, truncated PNG / WebP / BMP / TIFF) already fails to decode.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 
 import cv2
 import numpy as np
 
 from bmp_lightning.data.records import BadSampleError
 
+_CORRUPT = "image unreadable or corrupt"  # the BadSampleError kind (skip reports)
+_JPEG_SOI = b"\xff\xd8"
+# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or RST0-7; anything else starts a marker.
+# (Fill bytes 0xFF before a marker match as the marker's first byte.)
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and RST0-7 carry no length
+
+
+def jpeg_end(data: bytes | memoryview) -> int | None:
+    """Offset just past the end-of-image marker (FFD9) of the JPEG in ``data``; ``None`` when it is cut short.
+
+    Walks the segments from the start-of-image marker (skipping each by its length, so an EXIF thumbnail's own
+    FFD9 is not taken for the end) and each scan's entropy-coded data to the next marker, as a decoder does. Data
+    after the end marker (camera trailers, motion photos) is allowed. Cost: one C-level regex pass over the scans.
+    """
+    n = len(data)
+    if n < 4 or bytes(data[:2]) != _JPEG_SOI:
+        return None
+    pos = 2
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return None  # not a marker where one must be: a damaged file
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return None
+        end = pos + 2 + ((data[pos + 2] << 8) | data[pos + 3])
+        if end > n:
+            return None
+        pos = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            m = _JPEG_NEXT_MARKER.search(data, pos)
+            if m is None:
+                return None
+            pos = m.start()
+    return None
+
+
+def check_image_bytes(data: bytes | memoryview, path: str = "", where: str = "") -> None:
+    """Raise :class:`BadSampleError` naming ``path`` when the bytes cannot be a whole image.
+
+    Empty files and truncated JPEGs are caught here; other damage is left to the decoder, which refuses it.
+    """
+    ctx = f" ({where})" if where else ""
+    if len(data) == 0:
+        raise BadSampleError(f"image unreadable or corrupt: {path}{ctx}: empty file", kind=_CORRUPT)
+    if bytes(data[:2]) == _JPEG_SOI and jpeg_end(data) is None:
+        raise BadSampleError(
+            f"image unreadable or corrupt: {path}{ctx}: truncated JPEG (no end-of-image marker)", kind=_CORRUPT
+        )
+
+
+def decode_image(data: bytes | memoryview, path: str = "", where: str = "") -> np.ndarray:
+    """Checked bytes of an image file -> ``(H, W, 3)`` RGB uint8 (EXIF orientation applied, as ``cv2.imread``)."""
+    check_image_bytes(data, path, where)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        ctx = f" ({where})" if where else ""
+        raise BadSampleError(f"image unreadable or corrupt: {path}{ctx}", kind=_CORRUPT)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
 
 def read_image(path: str | os.PathLike, where: str = "") -> np.ndarray:
-    """Read an image file as an ``(H, W, 3)`` RGB uint8 array; a clear error if missing or unreadable."""
+    """Read an image file as an ``(H, W, 3)`` RGB uint8 array; :class:`BadSampleError` naming the file (and
+    ``where``, e.g. the annotation entry) when it is missing, empty, truncated or does not decode."""
     path = os.fspath(path)
-    ctx = f" ({where})" if where else ""
     if not os.path.isfile(path):
-        raise BadSampleError(f"image not found: {path}{ctx}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None or img.size == 0:
-        raise BadSampleError(f"image unreadable or corrupt: {path}{ctx}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        ctx = f" ({where})" if where else ""
+        raise BadSampleError(f"image not found: {path}{ctx}", kind="image not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_image(data, path, where)
 
 
 def as_rgb_array(image: str | os.PathLike | np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Train-time degradation of instance masks, so MaskPose learns to cope with imperfect detector masks.
 
-Recipe of BBoxMaskPose's ``MaskBackground._perturb_mask`` (``reference/bmp_reference.md`` §3), with the fork's
+Recipe of BBoxMaskPose's ``MaskBackground._perturb_mask`` (docs/recipes.md#maskpose-b), with the fork's
 defaults erode_prob 0.5, erode_amount 0.5, dilate_prob 0.5, dilate_amount 0.1:
 
 1. with probability ``erode_prob + dilate_prob`` (1.0) perturb at all; always start with a 5x5 open then close;

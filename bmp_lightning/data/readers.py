@@ -6,10 +6,11 @@ Every reader returns :class:`~bmp_lightning.data.records.PersonRecord` objects i
 has ``num_keypoints == 0`` (counted from the keypoints when the field is absent, as in AIC), has an empty box after
 clipping to the image, or has all keypoint coordinates <= 0.
 
-Broken input is different from filtered input: a missing or malformed file, a keypoint list of the wrong length, a
-box with negative/zero/non-finite size, or an annotation pointing at an image the file does not list raises
-:class:`BadSampleError` naming the file and the entry. With ``skip_bad_samples=True`` such entries are skipped
-instead, counted in a :class:`ReadReport` and logged once per file.
+Broken input is different from filtered input: a missing or malformed file, an ``images`` entry without an integer
+``id``, a ``file_name`` or positive integer ``width`` / ``height``, a repeated image or annotation id, a keypoint list
+of the wrong length, a box with negative/zero/non-finite size, or an annotation pointing at an image the file does
+not list raises :class:`BadSampleError` naming the file, the entry and the field. With ``skip_bad_samples=True``
+such entries are skipped instead, counted in a :class:`ReadReport` and logged once per file.
 """
 
 from __future__ import annotations
@@ -82,16 +83,84 @@ def _scatter(kpts: np.ndarray, fmt: str) -> np.ndarray:
     return kpts.astype(np.float32) if fmt == "merged" else to_merged(kpts.astype(np.float32), fmt)
 
 
-def _image_index(data: dict, path: str) -> dict[int, dict]:
+def _positive_int(value: Any) -> int | None:
+    """``value`` as an int when it is a positive integer (``640`` or ``640.0``), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value != int(value) or value <= 0:
+        return None
+    return int(value)
+
+
+def check_image_entry(img: Any, where: str) -> dict:
+    """A COCO ``images`` entry with an integer ``id``, a non-empty ``file_name`` and positive integer ``width`` /
+    ``height``; else :class:`BadSampleError` naming ``where`` and the field."""
+    if not isinstance(img, dict):
+        raise BadSampleError(f"{where}: not a dict")
+    if "id" not in img:
+        raise BadSampleError(f"{where}: no 'id'")
+    if isinstance(img["id"], bool) or not isinstance(img["id"], int):
+        raise BadSampleError(f"{where}: 'id' must be an integer, got {img['id']!r}")
+    name = img.get("file_name")
+    if not isinstance(name, str) or not name.strip():
+        raise BadSampleError(f"{where} (id={img['id']}): 'file_name' must be a non-empty string, got {name!r}")
+    for key in ("width", "height"):
+        if key not in img:
+            raise BadSampleError(f"{where} (id={img['id']}, {name}): no '{key}'")
+        if _positive_int(img[key]) is None:
+            raise BadSampleError(
+                f"{where} (id={img['id']}, {name}): '{key}' must be a positive integer, got {img[key]!r}"
+            )
+    return img
+
+
+def _image_index(
+    data: dict, path: str, skip_bad_samples: bool = False, report: ReadReport | None = None
+) -> tuple[dict[int, dict], dict[Any, str]]:
+    """``{image id: entry}`` of a COCO-format json and ``{image id: why}`` of the entries skipped.
+
+    Every entry must pass :func:`check_image_entry` and ids must be unique; with ``skip_bad_samples`` a bad entry
+    is skipped (counted in ``report``), and a repeated id drops every entry of that id (which one the annotations
+    mean is unknown).
+    """
     images = data.get("images")
     if not isinstance(images, list):
         raise BadSampleError(f"{path}: no 'images' list (not a COCO-format json)")
-    index = {}
+    index: dict[int, dict] = {}
+    first: dict[int, int] = {}
+    skipped: dict[Any, str] = {}
     for i, img in enumerate(images):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise BadSampleError(f"{path}: images[{i}] lacks 'id' or 'file_name'")
-        index[img["id"]] = img
-    return index
+        try:
+            check_image_entry(img, f"{path}, images[{i}]")
+            if img["id"] in first:
+                raise BadSampleError(f"{path}, images[{i}]: id {img['id']} repeats images[{first[img['id']]}]")
+        except BadSampleError as err:
+            if not skip_bad_samples:
+                raise
+            if report is not None:
+                report.skip(err)
+            if isinstance(img, dict) and isinstance(img.get("id"), int):
+                skipped[img["id"]] = f"images[{i}] skipped ({err})"
+                if index.pop(img["id"], None) is not None and report is not None:  # its first entry goes too
+                    report.skip(BadSampleError(f"{path}, images[{first[img['id']]}]: id {img['id']} is repeated"))
+            continue
+        if img["id"] not in skipped:
+            first[img["id"]] = i
+            index[img["id"]] = img
+    return index, skipped
+
+
+def _annotation_id(ann: dict, i: int, ann_file: str, seen: dict[int, int]) -> int:
+    """The annotation's ``id``: an integer, unique in the file (pycocotools and de-duplication key on it)."""
+    ann_id = ann.get("id")
+    if ann_id is None:
+        raise BadSampleError(f"{ann_file}, annotations[{i}]: no 'id'")
+    if isinstance(ann_id, bool) or not isinstance(ann_id, int):
+        raise BadSampleError(f"{ann_file}, annotations[{i}]: 'id' must be an integer, got {ann_id!r}")
+    if ann_id in seen:
+        raise BadSampleError(f"{ann_file}, annotations[{i}]: id={ann_id} repeats annotations[{seen[ann_id]}]")
+    seen[ann_id] = i
+    return ann_id
 
 
 def _check_box_xywh(box: Any, where: str, allow_zero: bool = False) -> tuple[float, float, float, float]:
@@ -116,6 +185,7 @@ def _parse_coco_annotation(
     fmt: str,
     num_kpts: int,
     report: ReadReport,
+    skipped_images: dict[Any, str],
 ) -> PersonRecord | None:
     """One COCO annotation -> a record, ``None`` when an upstream filter drops it, or :class:`BadSampleError`."""
     where = f"{ann_file}, annotation id={ann.get('id')}"
@@ -127,7 +197,8 @@ def _parse_coco_annotation(
         return None
     img = images.get(ann.get("image_id"))
     if img is None:
-        raise BadSampleError(f"{where}: image_id={ann.get('image_id')} is not in the file's images list")
+        why = skipped_images.get(ann.get("image_id"), "is not in the file's images list")
+        raise BadSampleError(f"{where}: image_id={ann.get('image_id')} {why}")
     try:
         kpts = np.asarray(ann["keypoints"], dtype=np.float32)
     except (TypeError, ValueError) as err:
@@ -202,13 +273,15 @@ def read_coco_keypoints(
     data = load_json(ann_file)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise BadSampleError(f"{ann_file}: expected a COCO-format dict with an 'annotations' list")
-    images = _image_index(data, ann_file)
+    images, skipped_images = _image_index(data, ann_file, skip_bad_samples, report)
     records = []
+    ann_ids: dict[int, int] = {}
     for i, ann in enumerate(data["annotations"]):
         try:
             if not isinstance(ann, dict):
                 raise BadSampleError(f"{ann_file}, annotations[{i}]: not a dict")
-            rec = _parse_coco_annotation(ann, images, img_dir, ann_file, source, fmt, num_kpts, report)
+            _annotation_id(ann, i, ann_file, ann_ids)
+            rec = _parse_coco_annotation(ann, images, img_dir, ann_file, source, fmt, num_kpts, report, skipped_images)
         except BadSampleError as err:
             if not skip_bad_samples:
                 raise
@@ -240,6 +313,8 @@ def _parse_mpii_entry(
     missing = [k for k in ("image", "center", "scale", "joints", "joints_vis") if k not in ann]
     if missing:
         raise BadSampleError(f"{where}: missing field(s) {missing}")
+    if not isinstance(ann["image"], str) or not ann["image"].strip():
+        raise BadSampleError(f"{where}: 'image' must be a non-empty file name, got {ann['image']!r}")
     where = f"{where} (image {ann['image']})"
     try:
         center = [float(v) for v in ann["center"]]
@@ -261,11 +336,15 @@ def _parse_mpii_entry(
         return None
     kpts = np.concatenate([joints, np.clip(vis, 0, 1)[:, None]], axis=1)  # MPII joints are not shifted by -1
     stem = os.path.splitext(os.path.basename(str(ann["image"])))[0]
-    image_id = int(stem) if stem.isdigit() else int(ann.get("image_id", i))
+    try:
+        image_id = int(stem) if stem.isdigit() else int(ann.get("image_id", i))
+        instance_id = int(ann.get("id", i))
+    except (TypeError, ValueError) as err:
+        raise BadSampleError(f"{where}: 'image_id' / 'id' must be integers ({err})") from err
     return PersonRecord(
         image_path=os.path.join(img_dir, str(ann["image"])),
         image_id=image_id,
-        instance_id=int(ann.get("id", i)),
+        instance_id=instance_id,
         source=source,
         bbox=bbox,
         keypoints=to_merged(kpts, "mpii"),
@@ -298,9 +377,16 @@ def read_mpii(
         raise BadSampleError(f"{ann_file}: expected MMPose's MPII format (a list of person entries)")
     num_kpts = SOURCE_NUM_KEYPOINTS["mpii"]
     records = []
+    ids: dict[int, int] = {}  # instance id -> entry
     for i, ann in enumerate(data):
         try:
             rec = _parse_mpii_entry(i, ann, img_dir, ann_file, source, num_kpts, report)
+            if rec is not None:
+                if rec.instance_id in ids:
+                    raise BadSampleError(
+                        f"{ann_file}, entry {i}: instance id {rec.instance_id} repeats entry {ids[rec.instance_id]}"
+                    )
+                ids[rec.instance_id] = i
         except BadSampleError as err:
             if not skip_bad_samples:
                 raise
@@ -347,7 +433,7 @@ def read_detections(
         gt = load_json(gt_name)
         if not isinstance(gt, dict):
             raise BadSampleError(f"{gt_name}: expected a COCO-format dict with an 'images' list")
-    images = _image_index(gt, gt_name)
+    images, skipped_images = _image_index(gt, gt_name, skip_bad_samples, report)
     dets = load_json(det_file)
     if not isinstance(dets, list):
         raise BadSampleError(f"{det_file}: expected a list of detections (COCO results format)")
@@ -367,7 +453,8 @@ def read_detections(
                 continue
             img = images.get(det["image_id"])
             if img is None:
-                raise BadSampleError(f"{where}: image_id={det['image_id']} is not in {gt_name}'s images list")
+                why = skipped_images.get(det["image_id"], f"is not in {gt_name}'s images list")
+                raise BadSampleError(f"{where}: image_id={det['image_id']} {why}")
             box = det["bbox"][:4] if isinstance(det["bbox"], list) else det["bbox"]
             x, y, w, h = _check_box_xywh(box, where, allow_zero=True)
             if w == 0 or h == 0:  # a degenerate detector box: nothing to crop (a negative one is an error)

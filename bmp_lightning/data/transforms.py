@@ -11,7 +11,7 @@ Every transform is ``__call__(sample, rng) -> sample`` and draws all its randomn
 deterministic given the generator. Transforms replace arrays instead of writing into them, so the caller's arrays
 are never modified.
 
-Order and constants follow BBoxMaskPose (``reference/bmp_reference.md`` §2-3, ``mm_architectures.md`` A10), including
+Order and constants follow BBoxMaskPose (docs/recipes.md#vitpose-b, docs/recipes.md#maskpose-b), including
 its crop bookkeeping: ``bbox`` is the *unpadded* working box (the fork's ``bbox_xyxy_wrt_input``). Flip, half-body
 and bbox jitter edit that box (the half-body box is clipped to it; shift/scale act on the unpadded size) and
 ``TopdownAffine`` recomputes center/scale from it with padding 1.25, then fixes the aspect ratio to 192:256 by

@@ -1,6 +1,6 @@
 """MMDetection RTMDet-Ins weights <-> :class:`~bmp_lightning.models.components.rtmdet.rtmdet_ins.RTMDetIns`.
 
-Our modules keep MMDetection's names, so the mapping is nearly the identity (``mm_architectures.md`` B9, B10):
+Our modules keep MMDetection's names, so the mapping is nearly the identity (MMDetection ``rtmdet_ins_head.py``):
 
 - ``bbox_head.`` -> ``head.``; a ``tood_`` predictor prefix (very early RTMDet files) -> ``rtm_``;
   ``data_preprocessor.*`` and ``bbox_head.rtm_obj.*`` (empty upstream) are skipped.

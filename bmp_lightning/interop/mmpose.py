@@ -1,6 +1,6 @@
 """MMPose ViTPose / MaskPose weights <-> :class:`~bmp_lightning.models.components.pose_net.TopdownHeatmapNet`.
 
-Key tables: ``reference/mm_architectures.md`` A4 (MMPose 1.x names), A5 (timm names, ours), A6 (original ViTPose repo).
+Key names: MMPose 1.x (mmpretrain ``VisionTransformer`` + ``HeatmapHead``), ours (timm's), the original ViTPose repo.
 Rules that matter numerically:
 - MMPose ``pos_embed`` of length 193 (mmcls-era checkpoints: a cls slot that the forward discarded) loses row 0;
   length 192 (mmpretrain >= 1.0) is used as is; ``cls_token`` is dropped.

@@ -1,6 +1,6 @@
 """The BMP loop: detect -> MaskPose -> pose-NMS -> SAM 2 -> exclusive masks -> mask out -> detect again.
 
-Reference: ``bmp_reference.md`` §5 (BBoxMaskPose v1.1 ``demo/bmp_demo.py``) and DESIGN §6. Per image and iteration:
+Reference: BBoxMaskPose v1.1 ``demo/bmp_demo.py``; docs/method.md#the-loop-step-by-step. Per image and iteration:
 
 1. detect on the current image (original, then with the people found so far painted black): keep
    ``label == person``, ``score > thr``, greedy box NMS, at most ``max_dets``;

@@ -18,7 +18,7 @@ EmptyPromptFallback = Literal["detector_mask", "zero_points"]
 
 @dataclass
 class LoopConfig:
-    """Every knob of the BMP loop (reference: ``bmp_reference.md`` §5).
+    """Every knob of the BMP loop (docs/recipes.md#bmp-loop-d3).
 
     Detection: keep ``label == person_label`` with ``score > det_score_thr`` (strict), greedy box NMS at
     ``det_nms_iou``, at most ``max_dets``. Pose-NMS: OKS > ``oks_nms_thr`` between old and new instances, keypoints
@@ -118,20 +118,21 @@ def bmp_d3(**overrides: Any) -> LoopConfig:
     return dataclasses.replace(LoopConfig(), **overrides)
 
 
+# The fields in which the v1.1 demo differs from ``bmp_d3`` (conf/loop/bmp_v1_exact.yaml lists the same delta).
+V1_EXACT_QUIRKS: dict[str, Any] = {
+    "sam_input_bgr": True,
+    "oks_area_from_xyxy_as_xywh": True,
+    "remove_suppressed_old": False,
+    "prompt_index_slip": True,
+    "empty_prompt_fallback": "zero_points",
+    "sam_max_hole_area": 0.0,
+    "sam_max_sprinkle_area": 0.0,
+}
+
+
 def bmp_v1_exact(**overrides: Any) -> LoopConfig:
     """The v1.1 demo loop bit for bit: every quirk of ``LoopConfig`` switched on (see ``bmp_d3`` for the list)."""
-    cfg = LoopConfig(
-        sam_input_bgr=True,
-        oks_area_from_xyxy_as_xywh=True,
-        remove_suppressed_old=False,
-        maskout="contours",
-        prompt_index_slip=True,
-        nms_plus_one=True,
-        empty_prompt_fallback="zero_points",
-        sam_max_hole_area=0.0,
-        sam_max_sprinkle_area=0.0,
-    )
-    return dataclasses.replace(cfg, **overrides)
+    return dataclasses.replace(LoopConfig(**V1_EXACT_QUIRKS), **overrides)
 
 
 PRESETS = {"bmp_d3": bmp_d3, "bmp_v1_exact": bmp_v1_exact}
@@ -152,3 +153,18 @@ def resolve_loop_config(loop: str | LoopConfig | dict | Any) -> LoopConfig:
     items.pop("_target_", None)
     preset = items.pop("preset", "bmp_d3")
     return PRESETS[preset](**items)
+
+
+def register_loop_schema() -> None:
+    """Store ``LoopConfig``'s defaults as the Hydra config ``loop/base``.
+
+    ``conf/loop/bmp_d3.yaml`` derives from it and ``bmp_v1_exact.yaml`` from ``bmp_d3``, so the dataclass stays the
+    one source of the defaults while every field is still in the composed config (overrides need no ``+``).
+    """
+    from hydra.core.config_store import ConfigStore
+
+    node = {"_target_": f"{__name__}.LoopConfig", **dataclasses.asdict(LoopConfig())}
+    ConfigStore.instance().store(group="loop", name="base", node=node)
+
+
+register_loop_schema()

@@ -1,4 +1,4 @@
-"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (DESIGN §6-7).
+"""The BMP evaluation job: the loop over a COCO-format split, scored per iteration (docs/recipes.md#evaluation).
 
 ``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
 :func:`run_bmp_evaluation`. For every image the loop runs once; after iteration ``k`` the people found so far (the
@@ -13,8 +13,11 @@ in ``<run dir>/results/``:
 scores them with :class:`~bmp_lightning.metrics.coco.CocoKeypointEvaluator` (pose AP, no OKS-NMS, as BMP) and
 :class:`~bmp_lightning.metrics.detection.CocoDetectionEvaluator` (box and mask AP), and writes ``metrics.json`` with
 ``bmp/iter{k}/<split name>/{AP,AP50,...,bbox_AP,...,segm_AP,...}`` plus ``bmp/time/{detector,pose,sam,total}``
-(seconds per image). ``max_images`` restricts the split to its first images; the ground truth of just those images
-is then written to ``results/gt.json`` and used for scoring (``results/info.json`` names the ground truth used).
+(seconds per image) and ``bmp/skipped_images``. An image that cannot be read (missing, truncated, corrupt) is
+skipped, its people counted as not found, and listed with the reason under ``bmp/skipped`` in ``metrics.json`` and
+in ``results/info.json`` (``strict=true``: the job stops at the first one instead). ``max_images`` restricts the
+split to its first images; the ground truth of just those images is then written to ``results/gt.json`` and used for
+scoring (``results/info.json`` names the ground truth used).
 The first ``num_vis`` images get a picture per image in ``vis/`` (detector input and people per iteration).
 
 Choices of ours (the upstream evaluation script is not public): the box of a person is the detector box clipped to
@@ -277,9 +280,18 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
         num_iters, bmp.cfg.segmenter,
     )  # fmt: skip
     t_start = time.perf_counter()
+    skipped: list[dict[str, Any]] = []  # unreadable images: their people count as not found
     for n, info in enumerate(_progress(images, f"BMP {split.name}")):
         image_id = int(info["id"])
-        image = read_image(split.img_dir / info["file_name"], where=f"{split.ann_file}, image id {image_id}")
+        path = split.img_dir / info["file_name"]
+        try:
+            image = read_image(path, where=f"{split.ann_file}, image id {image_id}")
+        except BadSampleError as err:
+            if cfg.get("strict", False):
+                raise
+            log.warning("skipped (strict=false): %s", err)
+            skipped.append({"file": os.fspath(path), "image_id": image_id, "reason": str(err)})
+            continue
         hw = image.shape[:2]
         vis = n < num_vis
         result = bmp(image, return_iterations=vis)
@@ -300,9 +312,10 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
         det = det_evals[k].evaluate(outfile_prefix=prefix)
         metrics.update({f"{name}/{m}": float(v) for m, v in kp.items()})
         metrics.update({f"{name}/{m}": float(v) for m, v in det.items()})
-    n_img = max(len(images), 1)
+    n_img = max(len(images) - len(skipped), 1)
     metrics.update({f"bmp/time/{key}": times.get(key, 0.0) / n_img for key in TIMING_KEYS})
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    metrics["bmp/skipped_images"] = float(len(skipped))
+    atomic_write_json(out_dir / "metrics.json", {**metrics, "bmp/skipped": skipped} if skipped else metrics)
     atomic_write_json(
         results_dir / "info.json",
         {
@@ -310,6 +323,7 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
             "dataset": split.dataset,
             "ground_truth": os.fspath(gt_file),
             "images": len(images),
+            "skipped": skipped,
             "iterations": num_iters,
             "iou_types": list(iou_types),
             "loop": OmegaConf.to_container(cfg.loop, resolve=True) if isinstance(cfg.loop, DictConfig) else cfg.loop,
@@ -318,6 +332,9 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
     )
     _log_metrics(cfg, metrics, num_iters, instantiate_dict(cfg.get("logger")))
     log.info("%s", format_summary(metrics, split.name, num_iters))
+    if skipped:
+        log.warning("%d of %d images could not be read and were skipped (their people count as not found):\n  %s",
+                    len(skipped), len(images), "\n  ".join(s["reason"] for s in skipped))  # fmt: skip
     log.info("results in %s", out_dir)
     return metrics
 
@@ -336,6 +353,7 @@ def _log_metrics(cfg: DictConfig, metrics: dict[str, float], num_iters: int, log
             step = {m: v for m, v in metrics.items() if m.startswith(f"bmp/iter{k}/")}
             if k == num_iters:
                 step.update({m: v for m, v in metrics.items() if m.startswith("bmp/time/")})
+                step["bmp/skipped_images"] = metrics.get("bmp/skipped_images", 0.0)
             lg.log_metrics(step, step=k)
         lg.save()
         lg.finalize("success")

@@ -10,7 +10,8 @@
 * ``<stem>.gif`` (``gif=true``): the iteration overlays as an animation;
 * ``<stem>.json``: :func:`result_to_json` (boxes, keypoints, scores, prompts, RLE masks, per-iteration counts).
 
-``summary.json`` lists every image with its number of people and timings.
+``summary.json`` lists every image with its number of people and timings, and under ``skipped`` the images that
+could not be read (missing, truncated, corrupt; the others are still processed; ``strict=true`` stops at the first).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.keypoints import KEYPOINTS
 from bmp_lightning.data.masks import mask_to_rle
+from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.bmp import BMPResult
 
 log = logging.getLogger("bmp_lightning.demo")
@@ -107,9 +109,16 @@ def run_demo(cfg: DictConfig) -> list[dict[str, Any]]:
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bmp = build_loop_from_config(cfg)
-    summary = []
+    summary, skipped = [], []
     for f in files:
-        image = read_image(f)
+        try:
+            image = read_image(f)
+        except BadSampleError as err:
+            if cfg.get("strict", False):
+                raise
+            log.warning("skipped (strict=false): %s", err)
+            skipped.append({"image": os.fspath(f), "reason": str(err)})
+            continue
         result = bmp(image, return_iterations=True)
         stem = f.stem
         frames = iteration_frames(image, result)
@@ -127,6 +136,12 @@ def run_demo(cfg: DictConfig) -> list[dict[str, Any]]:
             t["sam"],
         )  # fmt: skip
     loop = OmegaConf.to_container(cfg.loop, resolve=True) if isinstance(cfg.loop, DictConfig) else cfg.loop
-    atomic_write_json(out_dir / "summary.json", {"loop": loop, "images": summary})
+    doc = {"loop": loop, "images": summary, "num_skipped": len(skipped), "skipped": skipped}
+    atomic_write_json(out_dir / "summary.json", doc)
     log.info("pictures and JSON in %s", out_dir)
+    if skipped:
+        log.warning("%d of %d images could not be read and were skipped:\n  %s", len(skipped), len(files),
+                    "\n  ".join(s["reason"] for s in skipped))  # fmt: skip
+    if not summary:
+        raise BadSampleError(f"none of the {len(files)} images could be read (see {out_dir / 'summary.json'})")
     return summary

@@ -1,6 +1,6 @@
 """Mask and box operations of the BMP loop: exclusive masks, mask-out for the next detection, greedy box NMS.
 
-Reference: ``bmp_reference.md`` §5 steps 1, 4 and 6.
+Reference: docs/method.md#the-loop-step-by-step, steps 1, 5 and 7.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Pose-NMS between the instances kept so far ("old") and the new ones of a BMP iteration.
 
-Reference: ``bmp_reference.md`` §5 step 3 (BBoxMaskPose v1.1 ``demo/demo_utils.py::pose_nms``). A full, asymmetric OKS
-matrix is built with row ``i`` as ground truth (keypoints with score > ``conf_thr`` are its visible keypoints) and
-column ``j`` as detection; pairs above the threshold are resolved greedily from the largest OKS.
+Reference: BBoxMaskPose v1.1 ``demo/demo_utils.py::pose_nms`` (docs/method.md#the-loop-step-by-step).
+A full, asymmetric OKS matrix is built with row ``i`` as ground truth (keypoints with score > ``conf_thr`` are its
+visible keypoints) and column ``j`` as detection; pairs above the threshold are resolved greedily from the largest OKS.
 """
 
 from __future__ import annotations

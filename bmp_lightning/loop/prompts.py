@@ -1,6 +1,6 @@
 """SAM prompts from a pose: up to 6 positive keypoints in confidence-guided farthest-point order.
 
-Reference: ``bmp_reference.md`` §5 step 4a (BBoxMaskPose v1.1 ``demo/sam2_utils.py::_select_keypoints`` with
+Reference: docs/method.md#the-loop-step-by-step step 4 (BBoxMaskPose v1.1 ``demo/sam2_utils.py::_select_keypoints`` with
 ``selection_method='distance+confidence'``, called from ``_pose2seg``).
 """
 

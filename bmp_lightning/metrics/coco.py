@@ -1,6 +1,6 @@
 """COCO-style keypoint AP (COCO, OCHuman, CrowdPose) with MMPose's rescoring and optional OKS-NMS.
 
-Protocol (mm_architectures A12, bmp_reference §1.1, §6):
+Protocol (MMPose ``coco_metric.py``; docs/recipes.md#evaluation):
 
 1. predictions are de-duplicated by ``instance_id`` (DDP padding repeats samples);
 2. 21-slot predictions are reduced to the dataset's keypoints: the first 17 for COCO / OCHuman, the 14 CrowdPose
@@ -12,17 +12,20 @@ Protocol (mm_architectures A12, bmp_reference §1.1, §6):
 6. pycocotools ``COCOeval(iouType='keypoints')`` with the dataset's sigmas (CrowdPose: 14 sigmas, and the
    ground-truth area taken as ``w*h*0.53`` of the box as xtcocotools does with ``use_area=False``).
 
-BMP's own evaluation uses no OKS-NMS (``nms_mode='none'``, bmp_reference §2); MMPose's default is OKS-NMS 0.9.
+BMP's own evaluation uses no OKS-NMS (``nms_mode='none'`` in its configs); MMPose's default is OKS-NMS 0.9.
 CrowdPose's AP(easy/medium/hard) are added when its images carry ``crowdIndex`` (subsets split at 0.2 / 0.8).
 
 CLI::
 
     python -m bmp_lightning.metrics.coco gt=<annotation json> results=<results json> \
-        [dataset=coco|ochuman|crowdpose] [nms=none|oks] [nms_thr=0.9] [keypoint_score_thr=0.2] [out=<metrics json>]
+        [dataset=coco|ochuman|crowdpose] [nms=none|oks] [nms_thr=0.9] [keypoint_score_thr=0.2] [out=<metrics json>] \
+        [nonfinite=error|miss]
 
 Result entries carry ``keypoints`` (flat ``x, y, score`` for 21, 17 or 14 joints); an entry with ``bbox_score`` is
 rescored as above, one without keeps its ``score``. ``area`` (or the COCO ``bbox`` ``[x, y, w, h]``) is the OKS-NMS
-area. The metrics go to ``out`` (default: ``<results>.metrics.json``), written atomically.
+area. The metrics go to ``out`` (default: ``<results>.metrics.json``), written atomically. An entry with a NaN / inf
+keypoint or score is an error naming the file and the entry (``nonfinite=miss``: dropped, its person counted as not
+found, the number dropped written as ``nonfinite_dropped``).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class CocoKeypointEvaluator:
             ``None`` picks ``False`` for CrowdPose and ``True`` otherwise.
         sigmas: override the dataset's OKS sigmas ``(K,)``.
         verbose: print pycocotools' final summary table.
+        nonfinite: a prediction with a NaN / inf keypoint or score is an ``error`` (:class:`BadSampleError` naming
+            it; pycocotools would score NaN keypoints as matches) or, opt-in, a ``miss``: dropped, counted in
+            :attr:`nonfinite_dropped` (its person counts as not found).
 
     Predictions (:meth:`process`) are dicts with ``image_id``, ``instance_id`` (de-duplication key; ``None`` keeps
     the entry), ``keypoints`` ``(21|K, 2|3)``, ``keypoint_scores`` ``(21|K,)`` (or the third keypoint column),
@@ -98,6 +104,7 @@ class CocoKeypointEvaluator:
         use_area: bool | None = None,
         sigmas: Sequence[float] | None = None,
         verbose: bool = True,
+        nonfinite: Literal["error", "miss"] = "error",
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -118,6 +125,8 @@ class CocoKeypointEvaluator:
         if self.sigmas.shape != (self.num_keypoints,):
             raise ValueError(f"{dataset} needs {self.num_keypoints} sigmas, got {self.sigmas.shape}")
         self.verbose = verbose
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+        self.nonfinite_dropped: list[str] = []  # the predictions dropped for non-finite values (nonfinite="miss")
         self.category_id = 1  # set from the ground truth's person category when it is loaded
         self._coco = None
         self._preds: list[dict] = []
@@ -135,6 +144,7 @@ class CocoKeypointEvaluator:
 
     def reset(self) -> None:
         self._preds = []
+        self.nonfinite_dropped = []
 
     def __len__(self) -> int:
         return len(self._preds)
@@ -142,14 +152,18 @@ class CocoKeypointEvaluator:
     def process(self, predictions: Iterable[dict]) -> None:
         """Add a batch of per-instance predictions (converted to compact numpy records right away)."""
         for p in predictions:
-            self._preds.append(self._normalise(p))
+            p = self._normalise(p)
+            if p is not None:
+                self._preds.append(p)
 
     def gather(self) -> None:
         """Collect every rank's predictions into this one (collective under DDP; a no-op otherwise)."""
         self._preds = gather_predictions(self._preds)
 
-    def _normalise(self, p: dict) -> dict:
-        where = f"{self.ann_file}: prediction image_id={p.get('image_id')}, instance_id={p.get('instance_id')}"
+    def _normalise(self, p: dict) -> dict | None:
+        where = p.get("where") or (
+            f"{self.ann_file}: prediction image_id={p.get('image_id')}, instance_id={p.get('instance_id')}"
+        )
         try:
             kpts = _np(p["keypoints"])
             image_id = int(p["image_id"])
@@ -166,6 +180,15 @@ class CocoKeypointEvaluator:
         if ks.shape[0] != kpts.shape[0]:
             raise BadSampleError(f"{where}: {kpts.shape[0]} keypoints but {ks.shape[0]} keypoint scores")
         full = np.concatenate([kpts[:, :2], ks[:, None]], axis=1)  # (K, 3) x, y, score
+        scores = [_np(p[k]).reshape(-1)[0] for k in ("bbox_score", "score") if p.get(k) is not None]
+        if not (np.isfinite(full).all() and np.isfinite(np.asarray(scores, np.float64)).all()):
+            if self.nonfinite == "error":
+                raise BadSampleError(
+                    f"{where}: non-finite keypoints or scores (NaN / inf would be scored as matches); "
+                    "nonfinite='miss' drops such predictions instead"
+                )
+            self.nonfinite_dropped.append(where)
+            return None
         k = full.shape[0]
         if k == NUM_KEYPOINTS:
             full = full[:17] if self.dataset in ("coco", "ochuman") else from_merged(full, self.dataset)
@@ -238,6 +261,9 @@ class CocoKeypointEvaluator:
         with ``crowdIndex``); all 0 when there is no prediction.
         """
         results = self.results()
+        if self.nonfinite_dropped:
+            log.warning("%s: %d predictions with non-finite values dropped (counted as misses), e.g. %s",
+                        self.ann_file, len(self.nonfinite_dropped), self.nonfinite_dropped[0])  # fmt: skip
         if outfile_prefix is not None:
             path = write_json_atomic(f"{os.fspath(outfile_prefix)}.keypoints.json", results)
             log.info("keypoint results written to %s", path)
@@ -266,6 +292,12 @@ class CocoKeypointEvaluator:
             )
             out[name] = float(ev.stats[0])
         return out
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    if mode not in ("error", "miss"):
+        raise ValueError(f"nonfinite must be 'error' or 'miss', got {mode!r}")
+    return mode
 
 
 def _instance_id(value: Any) -> Any:
@@ -299,7 +331,11 @@ def results_to_predictions(results: list[dict], source: str = "results") -> list
         kpts = np.asarray(r["keypoints"], dtype=np.float64)
         if kpts.size % 3:
             raise BadSampleError(f"{source}: entry {n} keypoints length {kpts.size} is not a multiple of 3")
-        p: dict[str, Any] = {"image_id": r["image_id"], "keypoints": kpts.reshape(-1, 3)}
+        p: dict[str, Any] = {
+            "image_id": r["image_id"],
+            "keypoints": kpts.reshape(-1, 3),
+            "where": f"{source}: entry {n} (image_id={r['image_id']})",
+        }
         if "bbox_score" in r:
             p["bbox_score"] = r["bbox_score"]
         else:
@@ -326,7 +362,7 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Score a keypoint results json against a ground truth (see the module docstring); returns the metrics."""
     args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
-    allowed = {"gt", "results", "dataset", "nms", "nms_thr", "keypoint_score_thr", "use_area", "out"}
+    allowed = {"gt", "results", "dataset", "nms", "nms_thr", "keypoint_score_thr", "use_area", "out", "nonfinite"}
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")
     if "gt" not in args or "results" not in args:
@@ -349,6 +385,7 @@ def _score(args: dict[str, str]) -> dict[str, float]:
         nms_thr=float(args.get("nms_thr", 0.9)),
         use_area=None if use_area is None else use_area.lower() in ("1", "true", "yes"),
         verbose=True,
+        nonfinite=args.get("nonfinite", "error"),
     )
     if not os.path.isfile(args["results"]):
         raise FileNotFoundError(f"results file not found: {args['results']}")
@@ -358,6 +395,8 @@ def _score(args: dict[str, str]) -> dict[str, float]:
         raise BadSampleError(f"{args['results']}: results must be a json list of entries")
     evaluator.process(results_to_predictions(results, source=args["results"]))
     metrics = evaluator.evaluate()
+    if evaluator.nonfinite == "miss":
+        metrics["nonfinite_dropped"] = float(len(evaluator.nonfinite_dropped))
     out = Path(args.get("out") or Path(args["results"]).with_suffix(".metrics.json"))
     write_json_atomic(out, metrics)
     print(format_table(metrics, title=f"{evaluator.dataset} keypoint AP — {args['results']}"))

@@ -46,6 +46,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def check_unique_ids(dataset: dict, ann_file: str) -> None:
+    """Every image and annotation has an ``id``, none repeated: pycocotools indexes by id and silently keeps one of
+    two annotations with the same id (a ground-truth person vanishes, AP drops)."""
+    for key in ("images", "annotations"):
+        seen: dict[Any, int] = {}
+        for i, entry in enumerate(dataset[key]):
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise BadSampleError(f"{ann_file}: {key}[{i}] has no 'id'")
+            j = seen.setdefault(entry["id"], i)
+            if j != i:
+                raise BadSampleError(
+                    f"{ann_file}: {key}[{i}] has id={entry['id']} like {key}[{j}]; ids must be unique "
+                    "(pycocotools would keep only one of them)"
+                )
+
+
 def load_coco_gt(ann_file: str | os.PathLike, iou_type: str, crowd_area: bool = False) -> COCO:
     """Load a COCO-format ground truth quietly and fill the fields pycocotools needs but some datasets lack.
 
@@ -66,6 +82,7 @@ def load_coco_gt(ann_file: str | os.PathLike, iou_type: str, crowd_area: bool = 
     if not isinstance(dataset, dict) or "annotations" not in dataset or "images" not in dataset:
         raise BadSampleError(f"{ann_file}: not a COCO-format ground truth (needs 'images' and 'annotations')")
     dataset.setdefault("categories", [{"id": 1, "name": "person"}])
+    check_unique_ids(dataset, ann_file)
     num_boxless = 0
     for ann in dataset["annotations"]:
         if "bbox" not in ann or len(ann["bbox"]) != 4:

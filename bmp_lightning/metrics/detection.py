@@ -60,6 +60,9 @@ class CocoDetectionEvaluator:
         iou_types: any of ``bbox``, ``segm``.
         category_ids: COCO category id of each label index (``labels == i`` -> ``category_ids[i]``).
         verbose: print pycocotools' final summary tables.
+        nonfinite: a detection with a NaN / inf box coordinate or score is an ``error`` (:class:`BadSampleError`
+            naming the image and the detection) or, opt-in, a ``miss``: dropped and counted in
+            :attr:`nonfinite_dropped`.
 
     :meth:`process` takes dicts with ``image_id``, ``bboxes`` ``(N, 4)`` xyxy pixels, ``scores`` ``(N,)``,
     ``labels`` ``(N,)`` (default 0) and, for ``segm``, ``masks`` ``(N, H, W)`` bool or a list of RLE dicts.
@@ -72,6 +75,7 @@ class CocoDetectionEvaluator:
         iou_types: Sequence[str] = ("bbox", "segm"),
         category_ids: Sequence[int] = (1,),
         verbose: bool = True,
+        nonfinite: str = "error",
     ) -> None:
         iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
         if not iou_types or any(t not in ("bbox", "segm") for t in iou_types):
@@ -80,6 +84,10 @@ class CocoDetectionEvaluator:
         self.iou_types = iou_types
         self.category_ids = tuple(int(c) for c in category_ids)
         self.verbose = verbose
+        if nonfinite not in ("error", "miss"):
+            raise ValueError(f"nonfinite must be 'error' or 'miss', got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.nonfinite_dropped: list[str] = []
         self._coco: dict[str, Any] = {}
         self._images: list[dict] = []
 
@@ -91,6 +99,7 @@ class CocoDetectionEvaluator:
 
     def reset(self) -> None:
         self._images = []
+        self.nonfinite_dropped = []
 
     def __len__(self) -> int:
         return len(self._images)
@@ -125,8 +134,15 @@ class CocoDetectionEvaluator:
             rles = encode_masks(p["masks"])
             if len(rles) != n:
                 raise BadSampleError(f"{where}: {n} boxes but {len(rles)} masks")
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
         entries = []
         for i in range(n):
+            if not finite[i]:
+                what = f"{where}, detection {i}: non-finite box {boxes[i].tolist()} or score {scores[i]}"
+                if self.nonfinite == "error":
+                    raise BadSampleError(f"{what}; nonfinite='miss' drops such detections instead")
+                self.nonfinite_dropped.append(what)
+                continue
             x1, y1, x2, y2 = (float(v) for v in boxes[i])
             e = {
                 "image_id": image_id,
@@ -174,6 +190,9 @@ class CocoDetectionEvaluator:
         Writes ``<outfile_prefix>.{bbox,segm}.json`` when asked; metrics are 0 when there is no detection.
         """
         metrics: dict[str, float] = {}
+        if self.nonfinite_dropped:
+            log.warning("%s: %d detections with non-finite values dropped (counted as misses), e.g. %s",
+                        self.ann_file, len(self.nonfinite_dropped), self.nonfinite_dropped[0])  # fmt: skip
         for iou_type in self.iou_types:
             results = self.results(iou_type)
             if outfile_prefix is not None:

@@ -129,7 +129,7 @@ def oks_nms(
     thr: float = 0.9,
     sigmas: Sequence[float] | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Greedy OKS-NMS as MMPose's ``oks_nms`` (mm_architectures A12, step 4).
+    """Greedy OKS-NMS as MMPose's ``oks_nms`` (``mmpose/evaluation/functional/nms.py``).
 
     Candidates are visited by descending score (ties: lower index first); a candidate is kept only if its OKS with
     every kept instance is ``<= thr``. All keypoints count (no visibility threshold) and the OKS area of a pair is the

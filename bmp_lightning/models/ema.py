@@ -8,7 +8,7 @@ Update ``k`` (0-based) after the ``k``-th optimizer step:
 
 for every parameter and every floating-point buffer (BN running statistics); integer buffers
 (``num_batches_tracked``) are copied. ``m`` starts near 1 (the average follows the network closely) and decays
-to ``m0`` over a few ``gamma`` steps. Spec: ``mm_architectures.md`` B8/B10 (momentum 0.0002, gamma 2000).
+to ``m0`` over a few ``gamma`` steps. Spec: MMEngine ``averaged_model.py`` (momentum 0.0002, gamma 2000).
 """
 
 from __future__ import annotations

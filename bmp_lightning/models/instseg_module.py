@@ -1,6 +1,6 @@
 """InstSegLitModule: RTMDet-Ins training and COCO box / mask validation (BMP's detector fine-tune).
 
-Recipe (``mm_architectures.md`` B7, B8, B10; ``bmp_reference.md`` §4):
+Recipe (docs/recipes.md#mask-out-fine-tune):
 
 - input: the datamodule's RGB 0..255 batch is flipped to BGR and normalised with the BGR mean/std on the device;
 - losses: :class:`~bmp_lightning.models.components.rtmdet.criterion.RTMDetInsCriterion` (QFL + 2 GIoU + 2 Dice);
@@ -40,7 +40,7 @@ from bmp_lightning.utils.fit_guard import (
     guarded_optimizer_step,
     keep_epoch_unfinished,
 )
-from bmp_lightning.utils.skips import SkipCounter
+from bmp_lightning.utils.skips import log_skips
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,6 @@ class InstSegLitModule(L.LightningModule):
         self._evaluator = None
         self._val_name: str | None = val_name
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self.skips = SkipCounter()
 
     # ------------------------------------------------------------------ basics
     @property
@@ -244,7 +243,6 @@ class InstSegLitModule(L.LightningModule):
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.nonfinite.before_forward(self)
-        self.skips.add(batch)  # bad samples the dataset passed over (data.skip_bad_samples)
         out = self.model(self.normalize(batch["img"]))
         losses = self.criterion(out, batch["targets"])
         loss = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_mask"]
@@ -263,7 +261,7 @@ class InstSegLitModule(L.LightningModule):
         check_loader_state_applied(self.trainer)  # a mid-epoch resume continues where it stopped, or fails
 
     def on_train_epoch_end(self) -> None:
-        self.skips.epoch_end(self)  # train/skipped_samples: run total over workers and ranks
+        log_skips(self)  # train/skipped_samples, train/skipped_entries: over DataLoader workers and DDP ranks
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The optimizer step (skipped on a tolerated non-finite loss), then one EMA update (before any callback's
@@ -369,12 +367,10 @@ class InstSegLitModule(L.LightningModule):
         checkpoint["net_config"] = self.net_config
         checkpoint["num_classes"] = self.num_classes
         checkpoint["nonfinite_steps"] = self.nonfinite.count
-        checkpoint["skipped_samples"] = self.skips.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
         self.nonfinite.load_state_dict({"count": checkpoint.get("nonfinite_steps", 0)})
-        self.skips.load_state_dict(checkpoint.get("skipped_samples"))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

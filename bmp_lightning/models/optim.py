@@ -1,6 +1,6 @@
 """Layer-wise lr decay parameter groups and the ViTPose warm-up + multi-step schedule.
 
-What MMPose's ``LayerDecayOptimWrapperConstructor`` actually does (``reference/mm_architectures.md`` A11; its
+What MMPose's ``LayerDecayOptimWrapperConstructor`` actually does (``layer_decay_optim_wrapper.py``; its
 ``custom_keys`` are ignored):
 - no weight decay for 1-D params, names ending in ``.bias`` and names containing ``pos_embed``;
 - layer id 0: patch embedding, position embedding, cls/mask tokens; id i+1: backbone block i;

@@ -26,7 +26,7 @@ from bmp_lightning.utils.fit_guard import (
     guarded_optimizer_step,
     keep_epoch_unfinished,
 )
-from bmp_lightning.utils.skips import SkipCounter
+from bmp_lightning.utils.skips import log_skips
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class PoseLitModule(L.LightningModule):
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
         self.net_config: dict[str, Any] | None = None
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self.skips = SkipCounter()
 
     # ------------------------------------------------------------------ forward
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -117,7 +116,6 @@ class PoseLitModule(L.LightningModule):
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.nonfinite.before_forward(self)
-        self.skips.add(batch)  # bad samples the dataset passed over (data.skip_bad_samples)
         heatmaps = self.net(batch["img"])
         loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
         if not self.nonfinite.check(self, loss):
@@ -132,7 +130,7 @@ class PoseLitModule(L.LightningModule):
         check_loader_state_applied(self.trainer)  # a mid-epoch resume continues where it stopped, or fails
 
     def on_train_epoch_end(self) -> None:
-        self.skips.epoch_end(self)  # train/skipped_samples: run total over workers and ranks
+        log_skips(self)  # train/skipped_samples, train/skipped_entries: over DataLoader workers and DDP ranks
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         guarded_optimizer_step(self, optimizer, optimizer_closure)
@@ -179,7 +177,6 @@ class PoseLitModule(L.LightningModule):
         keep_epoch_unfinished(self._trainer, checkpoint)
         checkpoint["net_config"] = self.net_config
         checkpoint["nonfinite_steps"] = self.nonfinite.count
-        checkpoint["skipped_samples"] = self.skips.state_dict()
         # Hydra passes ListConfig/DictConfig arguments; plain containers keep the checkpoint loadable with
         # torch.load(weights_only=True), which Lightning uses to resume (ckpt_path)
         if "hyper_parameters" in checkpoint:
@@ -188,7 +185,6 @@ class PoseLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
         self.nonfinite.load_state_dict({"count": checkpoint.get("nonfinite_steps", 0)})
-        self.skips.load_state_dict(checkpoint.get("skipped_samples"))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
     python -m bmp_lightning.tools.make_detections ann=<COCO gt json> images=<image dir> \
         detector=<ckpt|pth|tiny_random> out=<json> [device=cpu] [score_thr=0.0] [max_images=N] [segm=true] \
-        [input_size=640] [batch_size=4] [overwrite=false]
+        [input_size=640] [batch_size=4] [overwrite=false] [strict=false]
 
 Detections for the validation sets: BMP validates COCO val2017 on RTMDet-l-Ins detections
 (``coco/detections/rtmdet-l-ins-mask.json``, read by ``conf/data/coco.yaml`` and ``conf/data/multi.yaml`` with
@@ -25,7 +25,8 @@ mask, ``counts`` a string). ``bmp_lightning.data.readers.read_detections`` and `
 Resuming: each finished image is appended as one line to the sidecar ``<out>.partial.jsonl`` (its first line holds
 the settings; a rerun with other settings stops rather than mixing them). A killed run continues where it stopped;
 the final json is written atomically (temporary file beside it + rename) only once every image is done, then the
-sidecar is removed. An unreadable or corrupt image is logged, counted, listed at the end and has no detections.
+sidecar is removed. An unreadable image (missing, truncated, corrupt) is logged, counted, has no detections and is
+listed with the reason in ``<out>.skipped.json`` (``strict=true``: stop at the first instead).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 from bmp_lightning.data.io import read_image
 from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.tools.make_sam_masks import write_skip_report
 from bmp_lightning.utils.cli import parse_key_values
 from bmp_lightning.utils.run import atomic_write_json, to_json
 
@@ -182,6 +184,7 @@ def make_detections(
     settings: dict[str, Any] | None = None,
     progress: bool = True,
     loader: Callable[[], Any] | None = None,
+    strict: bool = False,
 ) -> dict[str, int]:
     """Detect persons on the images of the gt json ``ann`` (files under ``images``) and write ``out``; resumable.
 
@@ -194,6 +197,7 @@ def make_detections(
         overwrite: redo a finished ``out`` (otherwise an existing ``out`` without a sidecar is an error).
         settings: what identifies the run in the sidecar besides ``score_thr`` / ``segm`` (e.g. the detector).
         loader: builds the detector when ``detector`` is ``None``, only if some image is left to do.
+        strict: stop at an unreadable image instead of skipping it.
 
     Returns:
         counts: ``images`` (selected), ``done_before`` (from the sidecar), ``new`` (detected now), ``skipped``
@@ -252,6 +256,8 @@ def make_detections(
                     arrays.append(read_image(images / im["file_name"], where=f"{ann}, image id {im['id']}"))
                     metas.append(im)
                 except BadSampleError as err:
+                    if strict:
+                        raise
                     log.warning("skipped: %s", err)
                     records.append({"image_id": im["id"], "skipped": str(err)})
             results = detector(arrays) if arrays else []
@@ -272,6 +278,10 @@ def make_detections(
     result = [d for im in todo_images for d in done[int(im["id"])].get("detections", [])]
     skipped = [done[int(im["id"])]["skipped"] for im in todo_images if "skipped" in done[int(im["id"])]]
     atomic_write_json(out, result)
+    write_skip_report(out, [
+        {"file": os.fspath(images / im["file_name"]), "image_id": im["id"], "reason": done[int(im["id"])]["skipped"]}
+        for im in todo_images if "skipped" in done[int(im["id"])]
+    ])  # fmt: skip
     sidecar.unlink()
     stats.update(skipped=len(skipped), detections=len(result))
     if skipped:
@@ -296,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
     args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"ann", "images", "detector", "out", "device", "score_thr", "max_images", "segm", "input_size",
-               "batch_size", "overwrite"}  # fmt: skip
+               "batch_size", "overwrite", "strict"}  # fmt: skip
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")
     if missing := [k for k in ("ann", "images", "detector", "out") if k not in args]:
@@ -322,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
             overwrite=_flag(args.get("overwrite", "false"), "overwrite"),
             settings=settings,
             loader=lambda: load_detector(spec, device, **opts),
+            strict=_flag(args.get("strict", "false"), "strict"),
         )
     except (BadSampleError, FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

@@ -1,11 +1,13 @@
 """Add SAM 2 person masks to MPII / AIC annotations (BBoxMaskPose's ``*_sam_*.json`` training files).
 
     python -m bmp_lightning.tools.make_sam_masks ann=<json> images=<dir> [out=<json>] [format=auto|mpii|coco] \
-        [sam=facebook/sam2.1-hiera-base-plus] [device=cpu] [mask_format=rle|polygon] [every=50] [local_files_only=false]
+        [sam=facebook/sam2.1-hiera-base-plus] [device=cpu] [mask_format=rle|polygon] [every=50] \
+        [local_files_only=false] [strict=false]
 
 MaskPose trains on COCO's ground-truth polygons and on SAM masks for MPII and AIC, which have none; BMP ships those
-masks as ``annotations/{mpii,aic}_sam_{train,val}.json`` but neither the script nor its prompting (bmp_reference
-§1.3). Our prompting, per person: the ground-truth box (MPII: MMPose's square box from ``center`` / ``scale``) plus
+masks as ``annotations/{mpii,aic}_sam_{train,val}.json`` but neither the script nor its prompting
+(docs/departures.md#sam-masks-for-mpii-and-aic). Our prompting, per person: the ground-truth box (MPII: MMPose's
+square box from ``center`` / ``scale``) plus
 every *visible* keypoint as a positive point (COCO format ``v == 2``; MPII's ``joints_vis`` only says "labelled",
 so every labelled joint), points outside the image dropped, one mask per person (no multi-mask choice). Box and
 keypoints together pin the mask to the annotated person in crowds: the box alone often covers two people, and
@@ -16,6 +18,9 @@ Output: the input json with ``segmentation`` (compressed RLE with a string ``cou
 ``read_coco_keypoints`` read it. Entries that already have a ``segmentation`` or a ``sam_score`` are left as they
 are, so a rerun resumes (the output file is the progress record: it is rewritten atomically every ``every``
 images and at the end). ``out`` defaults to BMP's naming: ``mpii_train.json`` -> ``mpii_sam_train.json``.
+
+An image that cannot be read (missing, truncated, corrupt) is skipped: its people keep no mask (a rerun tries them
+again), and the images are listed with the reason in ``<out>.skipped.json`` (``strict=true``: stop at the first).
 """
 
 from __future__ import annotations
@@ -49,6 +54,23 @@ class MaskJob:
     index: int  # position in the MPII list / COCO ``annotations``
     box: np.ndarray  # (4,) xyxy, clipped to the image
     points: np.ndarray  # (P, 2) positive points
+
+
+def skipped_path(out: str | os.PathLike) -> Path:
+    """Where a run lists its unreadable images: ``<out>.skipped.json``."""
+    out = Path(out)
+    return out.with_name(out.name + ".skipped.json")
+
+
+def write_skip_report(out: str | os.PathLike, skipped: list[dict[str, Any]]) -> None:
+    """``<out>.skipped.json`` = ``{"skipped": n, "images": [{"file", ..., "reason"}]}`` when images were skipped;
+    an old one is removed when none was (it would describe another run)."""
+    path = skipped_path(out)
+    if skipped:
+        atomic_write_json(path, {"skipped": len(skipped), "images": skipped})
+        log.warning("%d unreadable images skipped, listed in %s", len(skipped), path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def default_out(ann: str | os.PathLike) -> Path:
@@ -117,6 +139,7 @@ def make_sam_masks(
     mask_format: str = "rle",
     every: int = 50,
     progress: bool = True,
+    strict: bool = False,
 ) -> dict[str, int]:
     """Add SAM masks to the annotations ``ann`` (images under ``images``) and write ``out``; resumes from ``out``.
 
@@ -126,10 +149,11 @@ def make_sam_masks(
         fmt: ``mpii`` (MMPose list json), ``coco`` (COCO-format keypoints json: AIC), ``auto`` (by the json type).
         mask_format: ``rle`` (exact) or ``polygon`` (outer contours, as COCO polygons).
         every: rewrite ``out`` after this many images (the progress checkpoint).
+        strict: stop at an unreadable image instead of skipping it (listed in :func:`skipped_path`).
 
     Returns:
         counts: ``people`` (in the file), ``done_before`` (already with a mask), ``new`` (segmented now), ``images``
-        (read now).
+        (read now), ``skipped_images`` / ``skipped_people`` (unreadable images and their people, left without mask).
     """
     ann, out = Path(ann), Path(out) if out is not None else default_out(ann)
     if mask_format not in ("rle", "polygon"):
@@ -151,7 +175,8 @@ def make_sam_masks(
     entries = doc if fmt == "mpii" else doc["annotations"]
     jobs = collect_jobs(doc, fmt, str(source))
     stats = {"people": len(entries), "done_before": len(entries) - sum(len(v[1]) for v in jobs.values()), "new": 0}
-    stats["images"] = 0
+    stats.update(images=0, skipped_images=0, skipped_people=0)
+    skipped: list[dict[str, Any]] = []
     names = sorted(jobs)
     if names and segmenter is None:
         raise ValueError("make_sam_masks needs a segmenter for the people without a mask")
@@ -164,7 +189,16 @@ def make_sam_masks(
         bar = tqdm(names, desc=f"SAM masks {ann.name}", unit="img", dynamic_ncols=True)
     for n, name in enumerate(bar):
         _, todo = jobs[name]
-        image = read_image(Path(images) / name, where=f"{ann}, {len(todo)} people")
+        try:
+            image = read_image(Path(images) / name, where=f"{ann}, {len(todo)} people")
+        except BadSampleError as err:
+            if strict:
+                raise
+            log.warning("skipped (strict=false): %s", err)
+            skipped.append({"file": os.fspath(Path(images) / name), "people": len(todo), "reason": str(err)})
+            stats["skipped_images"] += 1
+            stats["skipped_people"] += len(todo)
+            continue
         hw = image.shape[:2]
         prompts = [entry_prompts(e, fmt, hw) for _, e in todo]
         segmenter.set_image(image)
@@ -182,6 +216,7 @@ def make_sam_masks(
             atomic_write_json(out, doc)  # progress checkpoint: a rerun skips what is written here
     if names or not out.is_file():
         atomic_write_json(out, doc)
+    write_skip_report(out, skipped)
     log.info("%s: %d people, %d had a mask, %d segmented now (%d images) -> %s", ann, stats["people"],
              stats["done_before"], stats["new"], stats["images"], out)  # fmt: skip
     return stats
@@ -194,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     from bmp_lightning.loop.segmenter import DEFAULT_SAM2
 
     args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
-    allowed = {"ann", "images", "out", "format", "sam", "device", "mask_format", "every", "local_files_only"}
+    allowed = {"ann", "images", "out", "format", "sam", "device", "mask_format", "every", "local_files_only", "strict"}
     if bad := sorted(set(args) - allowed):
         raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")
     if "ann" not in args or "images" not in args:
@@ -212,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
             fmt=args.get("format", "auto"),
             mask_format=args.get("mask_format", "rle"),
             every=int(args.get("every", 50)),
+            strict=args.get("strict", "false").lower() in ("1", "true", "yes"),
         )
     except (BadSampleError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err

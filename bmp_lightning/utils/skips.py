@@ -1,57 +1,54 @@
-"""Skipped training samples (``data.skip_bad_samples=true``), counted over DataLoader workers and DDP ranks.
+"""Skipped training data (``data.skip_bad_samples=true``), counted over DataLoader workers and DDP ranks.
 
-Interface with the datasets: in skip mode every training sample carries ``"skipped"``, the number of bad samples
-the dataset passed over to produce it (0 almost always), and the collate stacks it into ``batch["skipped"]`` (a
-``(B,)`` tensor). Counting in the batch, not in a dataset attribute, is what reaches the training process from the
-DataLoader workers (each worker holds its own copy of the dataset). :class:`SkipCounter` sums it per rank during an
-epoch, adds the ranks' sums at the epoch end (one all-reduce per epoch) and logs the run total as
-``train/skipped_samples`` (logger and ``metrics.json``); the total is kept in checkpoints so a resumed run goes on
-counting.
+Interface with the data side: a training dataset with ``skip_bad_samples`` holds a :class:`~bmp_lightning.data.
+records.SkipLog` as ``dataset.skips``: one shared-memory flag per sample that its DataLoader workers set when they
+skip it, so the training process sees every worker's skips. Each DDP rank has its own log (it marks the samples its
+sampler drew); the flags are combined with one ``all_reduce(MAX)`` (a sample is bad on every rank that tries it).
+Annotation entries the readers skipped (``datamodule.read_reports``, ``dataset.entries_skipped``) are read in
+every process alike and need no reduction.
+
+:func:`log_skips` (called by the LightningModules at every training epoch end, on all ranks) logs
+``train/skipped_samples`` (distinct samples skipped so far in this run, all workers and ranks) and
+``train/skipped_entries``; both reach the logger and, as callback metrics, ``metrics.json``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 
-def batch_skipped(batch: Any) -> int | None:
-    """How many bad samples the dataset skipped to fill ``batch``; None when the batch does not report skips."""
-    if not isinstance(batch, Mapping) or "skipped" not in batch:
+def skipped_samples(dataset: Any, strategy: Any = None) -> int | None:
+    """Distinct samples ``dataset`` skipped so far, over its DataLoader workers and (with ``strategy``) all DDP ranks;
+    None when the dataset does not skip (``skip_bad_samples`` off) or keeps no :class:`SkipLog`."""
+    skips = getattr(dataset, "skips", None)
+    if skips is None or not getattr(dataset, "skip_bad_samples", False):
         return None
-    value = batch["skipped"]
-    return int(value.sum()) if isinstance(value, torch.Tensor) else int(sum(value))
+    flags = skips.flags
+    if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+        import torch.distributed as dist
+
+        flags = flags.to(strategy.root_device, copy=True)  # NCCL needs it on the device; never reduce the shared one
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int((flags > 0).sum())
 
 
-class SkipCounter:
-    """Run total of skipped training samples, summed over workers (through the batches) and ranks (epoch end)."""
+def skipped_entries(datamodule: Any) -> int:
+    """Annotation entries the readers skipped (the same in every process: no reduction)."""
+    n = sum(int(getattr(r, "skipped", 0)) for r in getattr(datamodule, "read_reports", []) or [])
+    ds = getattr(datamodule, "train_dataset", None)
+    return n + len(getattr(ds, "entries_skipped", []) or [])
 
-    def __init__(self) -> None:
-        self.total = 0  # all ranks, finished epochs (and the resumed run's past)
-        self.epoch = 0  # this rank, the running epoch
-        self.reporting = False  # the data reports skips (skip mode): log the count, 0 included
 
-    def add(self, batch: Any) -> None:
-        n = batch_skipped(batch)
-        if n is not None:
-            self.reporting = True
-            self.epoch += n
-
-    def epoch_end(self, module: Any) -> None:
-        """Add the ranks' epoch counts to the total and log it (``train/skipped_samples``)."""
-        reporting = bool(module.trainer.strategy.reduce_boolean_decision(self.reporting, all=False))
-        if not reporting:
-            return
-        local = torch.tensor(float(self.epoch), device=module.device)
-        self.total += int(module.trainer.strategy.reduce(local, reduce_op="sum").item())
-        self.epoch = 0
-        module.log("train/skipped_samples", float(self.total), sync_dist=False, rank_zero_only=False)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"total": self.total, "epoch": self.epoch}
-
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        state = state or {}
-        self.total, self.epoch = int(state.get("total", 0)), int(state.get("epoch", 0))
+def log_skips(module: Any) -> dict[str, int]:
+    """Log ``train/skipped_samples`` and ``train/skipped_entries`` (collective under DDP: call on every rank)."""
+    trainer = module.trainer
+    dm = getattr(trainer, "datamodule", None)
+    samples = skipped_samples(getattr(dm, "train_dataset", None), trainer.strategy)
+    if samples is None:
+        return {}
+    counts = {"train/skipped_samples": samples, "train/skipped_entries": skipped_entries(dm)}
+    for name, value in counts.items():
+        module.log(name, torch.tensor(float(value)), sync_dist=False, rank_zero_only=False)
+    return counts

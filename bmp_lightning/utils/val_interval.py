@@ -1,6 +1,6 @@
 """Validation interval that changes during training (MMEngine ``dynamic_intervals``).
 
-RTMDet validates every 10 epochs, then every epoch from epoch 280 (``mm_architectures.md`` B8). Lightning reads
+RTMDet validates every 10 epochs, then every epoch from epoch 280 (docs/recipes.md#mask-out-fine-tune). Lightning reads
 ``trainer.check_val_every_n_epoch`` at the end of every training epoch, so a callback can change it on the fly.
 """
 

@@ -69,7 +69,7 @@ def test_encode_decode_round_trip_subpixel():
 
 
 def _dark_udp_loop_reference(hm: np.ndarray) -> np.ndarray:
-    """Per-keypoint numpy/cv2 transcription of A7 (zero-pad + cv2.GaussianBlur, edge pad, Newton step)."""
+    """Per-keypoint numpy/cv2 transcription of MMPose's ``refine_keypoints_dark_udp`` (zero-pad + blur, Newton step)."""
     k_, h, w = hm.shape
     out = np.zeros((k_, 2))
     for k in range(k_):

@@ -113,21 +113,14 @@ def test_masks_decoded_only_when_used(coco_records):
     assert s["img"].shape == (h, w, 3) and s["bbox_score"] == 1.0
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=None, overrides=["+paths=default", *overrides])
-
-
 def _source_counts(batch: dict) -> Counter:
     return Counter(batch["source"])
 
 
-def test_sample_config_through_hydra(sample_data_dir: Path):
+def test_sample_config_through_hydra(sample_data_dir: Path, cfg_data):
     import hydra
 
-    cfg = _compose(["+data=sample", f"paths.shared_dir={sample_data_dir.parent}", "data.batch_size=6"])
+    cfg = cfg_data("sample", f"paths.shared_dir={sample_data_dir.parent}", "data.batch_size=6")
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
     assert dm.train_source_names == ["coco", "mpii", "aic"] and dm.train_source_sizes == [12, 5, 9]
@@ -162,19 +155,17 @@ def test_mpii_records_scatter_in_batches(sample_data_dir: Path):
     assert s["keypoint_weights"][16] == 1 and s["keypoints_gt"][16].tolist() == [804, 711, 1]
 
 
-def test_synthetic_config_generates_and_trains(tmp_path: Path):
+def test_synthetic_config_generates_and_trains(tmp_path: Path, cfg_data):
     import hydra
 
-    cfg = _compose(
-        [
-            "+data=synthetic",
-            f"paths.data_dir={tmp_path}",
-            "data.synthetic.n_images=6",
-            "+data.synthetic.max_people=3",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "data.use_mask=true",
-        ]
+    cfg = cfg_data(
+        "synthetic",
+        f"paths.data_dir={tmp_path}",
+        "data.synthetic.n_images=6",
+        "+data.synthetic.max_people=3",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.use_mask=true",
     )
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
@@ -199,13 +190,13 @@ def test_train_yaml_wires_mask_from_model(sample_data_dir: Path):
 
 
 @pytest.mark.parametrize("name", ["multi", "coco", "ochuman"])
-def test_real_dataset_configs_point_at_upstream_files(tmp_path: Path, name: str):
+def test_real_dataset_configs_point_at_upstream_files(tmp_path: Path, name: str, cfg_data):
     """Without the datasets, instantiation works and setup names the first missing file."""
     import hydra
 
     from bmp_lightning.data.records import BadSampleError
 
-    cfg = _compose([f"+data={name}", f"paths.data_dir={tmp_path}"])
+    cfg = cfg_data(name, f"paths.data_dir={tmp_path}")
     dm = hydra.utils.instantiate(cfg.data)
     expected_val = {
         "multi": ["coco", "ochuman"],

@@ -237,27 +237,17 @@ def test_real_coco_sample(sample_data_dir: Path) -> None:
     np.testing.assert_allclose(masks_to_boxes(masks), boxes, atol=3)
 
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _compose_data(name: str, data_dir: Path):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=None, overrides=["+paths=default", f"+data={name}", f"paths.data_dir={data_dir}"])
-
-
-def test_hydra_configs_instantiate(tmp_path: Path) -> None:
+def test_hydra_configs_instantiate(tmp_path: Path, cfg_data) -> None:
     from hydra.utils import instantiate
 
-    dm = instantiate(_compose_data("instseg_coco", tmp_path).data)
+    dm = instantiate(cfg_data("instseg_coco", f"paths.data_dir={tmp_path}").data)
     assert isinstance(dm, InstSegDataModule)
     assert dm.train_ann == str(tmp_path / "coco" / "annotations" / "instances_train2017.json")
     assert dm.val_img_dir == str(tmp_path / "coco" / "val2017")
     assert dm.input_size == 640 and dm.pipeline_kwargs["scale"] == 1280 and dm.pipeline_kwargs["stage2_scale"] == 640
     assert dm.pipeline_kwargs["ratio_range"] == (0.1, 2.0) and dm.min_size == 32 and dm.filter_empty_gt
 
-    cfg = _compose_data("instseg_synthetic", tmp_path).data
+    cfg = cfg_data("instseg_synthetic", f"paths.data_dir={tmp_path}").data
     cfg.synthetic.n_images = 4
     cfg.synthetic.val_fraction = 0.5
     cfg.num_workers = 0

@@ -31,7 +31,7 @@ COCO_NAMES = [
     "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
     "right_ankle",
 ]  # fmt: skip
-# Indices written out by hand (DESIGN §3), a second independent table.
+# Indices written out by hand (docs/method.md#dataset-mappings), a second independent table.
 MPII_TABLE = {0: 16, 1: 14, 2: 12, 3: 11, 4: 13, 5: 15, 6: 20, 7: 17, 8: 18, 9: 19, 10: 10, 11: 8, 12: 6, 13: 5,
               14: 7, 15: 9}  # fmt: skip
 AIC_TABLE = {0: 6, 1: 8, 2: 10, 3: 5, 4: 7, 5: 9, 6: 12, 7: 14, 8: 16, 9: 11, 10: 13, 11: 15, 12: 19, 13: 17}

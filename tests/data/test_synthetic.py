@@ -40,7 +40,7 @@ def _masks_by_image(doc: dict) -> dict[int, list[tuple[dict, np.ndarray]]]:
 
 
 def _mpii_box(center: list[float], scale: float) -> np.ndarray:
-    # MMPose's MPII rule (reference §1.3): square of side scale*200, centre y + 15*scale, then -1 (1-based).
+    # MMPose's MPII rule (``mpii_dataset.py``): square of side scale*200, centre y + 15*scale, then -1 (1-based).
     side = scale * 200.0
     cx, cy = center[0] - 1.0, center[1] + 15.0 * scale - 1.0
     return np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])

@@ -1,4 +1,4 @@
-"""The BMP loop end to end with fake detector / pose / segmenter (bmp_reference §5 step order)."""
+"""The BMP loop end to end with fake detector / pose / segmenter (docs/method.md#the-loop-step-by-step)."""
 
 from __future__ import annotations
 

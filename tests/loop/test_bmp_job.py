@@ -101,7 +101,7 @@ def test_job_with_tiny_checkpoints(tmp_path, synthetic_root, tiny_ckpts):
     assert read_image(run / "vis" / "000000000002.png").shape[0] > 256
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == pytest.approx(metrics)
-    expected = {f"bmp/time/{t}" for t in ("detector", "pose", "sam", "total")}
+    expected = {f"bmp/time/{t}" for t in ("detector", "pose", "sam", "total")} | {"bmp/skipped_images"}
     for k in (1, 2):
         expected |= {f"bmp/iter{k}/synthetic/{m}" for m in KEYPOINT_METRICS}
         expected |= {f"bmp/iter{k}/synthetic/{t}_{m}" for t in ("bbox", "segm") for m in DETECTION_METRICS}

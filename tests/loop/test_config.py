@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bmp_lightning.loop.config import LoopConfig, bmp_d3, bmp_v1_exact, resolve_loop_config
+from bmp_lightning.loop.config import V1_EXACT_QUIRKS, LoopConfig, bmp_d3, bmp_v1_exact, resolve_loop_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "loop"
 
@@ -39,14 +39,24 @@ def test_v1_exact_differs_only_in_quirks():
 
 
 @pytest.mark.parametrize("name, preset", [("bmp_d3", bmp_d3), ("bmp_v1_exact", bmp_v1_exact)])
-def test_yaml_instantiates_the_preset(name, preset):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+def test_yaml_instantiates_the_preset(name, preset, cfg_bmp):
+    cfg = cfg_bmp(f"loop={name}").loop
     assert instantiate(cfg) == preset()
     assert resolve_loop_config(name) == preset()
-    # every field is listed, so command-line overrides need no '+'
+    assert resolve_loop_config(cfg) == preset()
+    # every field is in the composed config, so command-line overrides need no '+'
     assert set(cfg.keys()) - {"_target_"} == {f.name for f in dataclasses.fields(LoopConfig)}
-    cfg.num_iters = 3
-    assert instantiate(cfg).num_iters == 3
+    assert instantiate(cfg_bmp(f"loop={name}", "loop.num_iters=3").loop) == preset(num_iters=3)
+
+
+def test_presets_are_deltas():
+    """bmp_d3.yaml states no field itself (LoopConfig's defaults are the one source); bmp_v1_exact.yaml derives from
+    bmp_d3 and states exactly the quirk switches."""
+    d3 = OmegaConf.load(CONF / "bmp_d3.yaml")
+    v1 = OmegaConf.load(CONF / "bmp_v1_exact.yaml")
+    assert set(d3.keys()) == {"defaults"}
+    assert list(v1.defaults)[0] == "bmp_d3"
+    assert set(v1.keys()) - {"defaults"} == set(V1_EXACT_QUIRKS)
 
 
 def test_resolve_and_validation():

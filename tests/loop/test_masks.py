@@ -1,4 +1,4 @@
-"""Exclusive masks, mask-out (contours vs pixels) and box NMS (bmp_reference §5 steps 1, 4, 6)."""
+"""Exclusive masks, mask-out (contours vs pixels) and box NMS (docs/method.md#the-loop-step-by-step steps 1, 5, 7)."""
 
 from __future__ import annotations
 

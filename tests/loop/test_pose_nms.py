@@ -1,4 +1,4 @@
-"""Pose-NMS (bmp_reference §5 step 3): OKS matrix, greedy suppression, the v1.1 area quirk."""
+"""Pose-NMS (docs/method.md#the-loop-step-by-step step 3): OKS matrix, greedy suppression, the v1.1 area quirk."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SAM prompt selection (bmp_reference §5 step 4a): face collapse, threshold, farthest-point order, v1.1 slip."""
+"""SAM prompt selection (docs/method.md#the-loop-step-by-step step 4): face collapse, threshold, farthest-point order,
+v1.1 slip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layer-wise lr decay groups (reference/mm_architectures.md A11) and the warm-up + multi-step schedule."""
+"""Layer-wise lr decay groups (MMPose ``layer_decay_optim_wrapper.py``) and the warm-up + multi-step schedule."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_heatmap_head_layers_and_upsampling():
 def test_vitpose_b_parameter_count():
     net = vitpose_b(num_keypoints=17)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    # reference/mm_architectures.md A4: ~89.99 M = backbone 85.79 M + head 4.20 M
+    # MMPose ViTPose-B: ~89.99 M = backbone 85.79 M + head 4.20 M
     assert count(net.backbone) == 85_794_048
     assert count(net.head) == 4_199_697
     assert count(net) == 89_993_745

@@ -1,4 +1,4 @@
-"""Deterministic synthetic crowded-scene generator (DESIGN §4 "Synthetic data").
+"""Deterministic synthetic crowded-scene generator (``data=synthetic``, see the README's Data section).
 
 Articulated human-like figures with 21 exact keypoints, textured backgrounds and heavy mutual occlusion, written
 to disk in the real formats (COCO-17 keypoints, COCO instances, MMPose MPII, AIC-14, exact 21-keypoint COCO) so

@@ -1,7 +1,7 @@
 """Classic ViTPose heatmap decoder: transposed-conv upsampling to stride 4, then a 1x1 conv to one map per keypoint.
 
 MMPose 1.x ``HeatmapHead(deconv_out_channels=(256, 256), deconv_kernel_sizes=(4, 4))``
-(``reference/mm_architectures.md`` A2). Submodule names (``deconv_layers.{0,1,3,4}``, ``final_layer``) are MMPose's,
+(docs/recipes.md#vitpose-b). Submodule names (``deconv_layers.{0,1,3,4}``, ``final_layer``) are MMPose's,
 so weights convert by prefix only.
 """
 

@@ -1,7 +1,7 @@
 """Top-down heatmap pose network (backbone + heatmap head) and the ViTPose / MaskPose presets.
 
 MaskPose-B is ViTPose-B with 21 heatmaps: the mask enters through the input image (background dimmed), not through
-new parameters (DESIGN.md section 5).
+new parameters (docs/method.md#maskpose).
 """
 
 from __future__ import annotations

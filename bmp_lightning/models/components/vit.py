@@ -1,7 +1,7 @@
 """ViTPose backbone: a plain ViT built from timm's transformer blocks, returning a single stride-16 feature map.
 
 Matches MMPose 1.x ``mmpretrain.VisionTransformer(with_cls_token=False, out_type='featmap', patch_cfg=dict(padding=2))``
-(``reference/mm_architectures.md`` A1, A3): the patch conv is padded by 2 px, there is no cls token, 192 learned
+(docs/recipes.md#vitpose-b): the patch conv is padded by 2 px, there is no cls token, 192 learned
 position embeddings for the 16x12 grid, pre-norm blocks with LayerNorm eps 1e-6 and exact GELU, stochastic depth
 increasing linearly from 0 to ``drop_path_rate``, and one final LayerNorm. Parameter names follow timm
 (``patch_embed.proj``, ``pos_embed``, ``blocks.{i}``, ``norm``) so an MAE init from timm loads by name

@@ -14,7 +14,7 @@ from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_l
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-NUM_PARAMS_L = 57_365_663  # mm_architectures.md B9 (README: 57.37 M)
+NUM_PARAMS_L = 57_365_663  # unique parameters (MMDetection's README: 57.37 M)
 
 
 def _mm_init(oracle_dir: Path):

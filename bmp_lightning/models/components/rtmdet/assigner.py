@@ -1,6 +1,6 @@
 """RTMDet's DynamicSoftLabelAssigner (SimOTA-style dynamic-k matching with soft IoU labels).
 
-Spec: ``mm_architectures.md`` B7.
+Spec: MMDetection ``dynamic_soft_label_assigner.py``; docs/recipes.md#mask-out-fine-tune.
     1. Candidates are priors whose point lies strictly inside *some* GT box.
     2. Cost(candidate, gt) = soft_cls_cost + 3 * -log(IoU + 1e-7) + 10 ** (dist / stride - 3), where the IoU is
        between the decoded *predicted* box and the GT, and dist is measured to the GT's mask centre of mass

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # The released configs use SyncBN with its defaults (mmcv build_norm_layer), which overrides the
-# class-default BN(momentum 0.03, eps 1e-3): eps 1e-5, momentum 0.1 (mm_architectures.md B2).
+# class-default BN(momentum 0.03, eps 1e-3): eps 1e-5, momentum 0.1 (mmcv SyncBN defaults).
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 

@@ -1,6 +1,6 @@
 """RTMDet-Ins training criterion: assignment + QFL / GIoU / Dice with the upstream averaging.
 
-Spec: ``mm_architectures.md`` B7.
+Spec: MMDetection ``rtmdet_ins_head.py::loss_by_feat``; docs/recipes.md#mask-out-fine-tune.
     - loss_cls  = QFL(beta 2) summed over all priors and classes / cls_avg_factor,
     - loss_bbox = 2 * sum_pos IoU_pos * (1 - GIoU(pred, gt)) / cls_avg_factor,
     - loss_mask = 2 * sum_pos Dice(sigmoid(up2(mask logits)), gt[2::4, 2::4]) / num_pos,

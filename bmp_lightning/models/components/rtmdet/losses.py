@@ -1,7 +1,7 @@
 """RTMDet-Ins losses: Quality Focal Loss (classification), GIoU (boxes), Dice (masks).
 
 Each function returns the *summed* (or per-element) loss; the criterion divides by the avg factors of
-``mm_architectures.md`` B7 (sum of positive IoUs for cls/box, number of positives for masks).
+MMDetection's ``RTMDetInsHead`` (sum of positive IoUs for cls/box, number of positives for masks).
 
 References:
     Generalized Focal Loss, Li et al., 2020 (arXiv 2006.04388) -- QFL.
