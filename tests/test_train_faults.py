@@ -176,6 +176,33 @@ def test_tolerated_nonfinite_steps_are_skipped_counted_and_reported(synthetic_po
         train(poisoned(tmp_path / "run2", "[1,2,3]"))
 
 
+class PoisonWeights(L.Callback):
+    """Test-only: a NaN in one weight after the optimizer step of ``step`` (before the checkpoint callbacks run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_diverged_weights_are_not_saved_by_the_run(synthetic_pose_data_dir: Path, tmp_path: Path) -> None:
+    """Weights that turn NaN while the loss was still finite: the step's checkpoint is refused, last.ckpt stays."""
+    from bmp_lightning.train import train
+    from bmp_lightning.utils.fit_guard import NonFiniteWeightsError
+
+    run = tmp_path / "run"
+    poison = ["+callbacks.poison._target_=tests.test_train_faults.PoisonWeights", "+callbacks.poison.step=3"]
+    with pytest.raises(NonFiniteWeightsError) as err:
+        train(_pose_cfg(synthetic_pose_data_dir, run, *poison))
+    last = run / "checkpoints" / "last.ckpt"
+    assert "non-finite weights in net." in str(err.value) and "at epoch 0, step 3" in str(err.value)
+    assert f"last checkpoint (finite weights): {last}" in str(err.value)
+    assert _all_finite(last) and torch.load(last, weights_only=True)["global_step"] == 2
+
+
 def test_nonfinite_weights_are_never_written(tmp_path: Path) -> None:
     from bmp_lightning.utils.checkpoint_io import AtomicCheckpointIO
     from bmp_lightning.utils.fit_guard import NonFiniteWeightsError

@@ -362,7 +362,7 @@ class InstSegLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_finite_state(checkpoint)
+        check_finite_state(checkpoint, trainer=self._trainer)  # NaN/inf weights are never saved
         keep_epoch_unfinished(self._trainer, checkpoint)
         checkpoint["net_config"] = self.net_config
         checkpoint["num_classes"] = self.num_classes

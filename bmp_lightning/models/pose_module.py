@@ -173,7 +173,7 @@ class PoseLitModule(L.LightningModule):
         self._val_preds = defaultdict(list)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_finite_state(checkpoint)
+        check_finite_state(checkpoint, trainer=self._trainer)  # NaN/inf weights are never saved
         keep_epoch_unfinished(self._trainer, checkpoint)
         checkpoint["net_config"] = self.net_config
         checkpoint["nonfinite_steps"] = self.nonfinite.count

@@ -85,8 +85,9 @@ def first_nonfinite(tensors: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_finite_state(checkpoint: Mapping[str, Any], path: Any = None) -> None:
-    """Raise :class:`NonFiniteWeightsError` when ``checkpoint['state_dict']`` holds a NaN/inf weight."""
+def check_finite_state(checkpoint: Mapping[str, Any], path: Any = None, trainer: Any = None) -> None:
+    """Raise :class:`NonFiniteWeightsError` when ``checkpoint['state_dict']`` holds a NaN/inf weight (naming the
+    target ``path`` and, with ``trainer``, the last checkpoint written, which holds finite weights)."""
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):
         return
@@ -98,9 +99,12 @@ def check_finite_state(checkpoint: Mapping[str, Any], path: Any = None) -> None:
             else ""
         )
         target = f" {path}" if path is not None else ""
+        last = (
+            f"; last checkpoint (finite weights): {latest_checkpoint(trainer) or 'none'}" if trainer is not None else ""
+        )
         raise NonFiniteWeightsError(
             f"refusing to write checkpoint{target}: non-finite weights in {bad}{where} (the training diverged; "
-            "lower model.lr or resume from an earlier checkpoint)"
+            f"lower model.lr or resume from an earlier checkpoint){last}"
         )
 
 
