@@ -13,8 +13,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from bmp_lightning.utils.config_check import check_entry_config
 from bmp_lightning.utils.run import (
     atomic_write_json,
+    exit_on_user_error,
     instantiate_dict,
     resolve_ckpt_path,
     set_torch_threads,
@@ -28,6 +30,7 @@ log = logging.getLogger("bmp_lightning.eval")
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("ckpt_path") is None and not cfg.model.get("init_weights"):
         log.warning("neither ckpt_path nor model.init_weights given: evaluating a randomly initialised model")
+    check_entry_config(cfg)  # a wrongly typed value: one error naming the key, before anything is built
     set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -36,7 +39,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+    results = trainer.validate(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for r in results for k, v in r.items()}
     if trainer.is_global_zero:
         atomic_write_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
@@ -46,6 +49,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

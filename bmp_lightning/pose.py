@@ -74,16 +74,19 @@ class PoseEstimator:
         device: str | torch.device = "cpu",
         preset: str | None = None,
         use_mask: bool | None = None,
+        allow_objects: bool = False,
         **kwargs,
     ) -> PoseEstimator:
         """Load our weights (Lightning ``.ckpt`` or an exported state dict) or an official MMPose ``.pth``.
 
         The preset is inferred from the weights (embedding width / depth / keypoint count) unless given.
         ``use_mask`` defaults to the checkpoint's hyper-parameter, else to ``True`` for files named *mask*.
+        The file is read with ``torch.load(weights_only=True)``: one that pickles other Python objects is refused
+        (``UnsafeCheckpointError``) unless ``allow_objects=True``, which keeps them as inert placeholders.
         """
         from bmp_lightning.interop.pose_weights import build_net_from_weights
 
-        net, meta = build_net_from_weights(path, preset=preset)
+        net, meta = build_net_from_weights(path, preset=preset, allow_objects=allow_objects)
         if use_mask is None:
             use_mask = meta.get("use_mask")
         if use_mask is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +17,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import nn
+
+from bmp_lightning.utils.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +90,14 @@ def safe_load(path: str | Path, *, allow_numpy: bool = True, placeholders: bool 
 
     Raises:
         FileNotFoundError: no such file.
+        CheckpointError: an empty or truncated file, or not a checkpoint at all.
         UnsafeCheckpointError: the file references classes that are not allowlisted (and ``placeholders`` is False).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file: truncated or not a checkpoint")
     if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: tensors and containers only
         return _load_or_explain(path, [])
     extra: list[Any] = _numpy_globals() if allow_numpy else []
@@ -103,13 +109,45 @@ def safe_load(path: str | Path, *, allow_numpy: bool = True, placeholders: bool 
     return _load_or_explain(path, extra)
 
 
+def _not_a_checkpoint(path: Path, err: BaseException) -> CheckpointError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200] or type(err).__name__
+    return CheckpointError(f"{path}: truncated or not a checkpoint ({reason})")
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Fail fast, in one line, on a checkpoint that ``torch.load(weights_only=True)`` cannot read: empty, truncated
+    or not a checkpoint (:class:`CheckpointError`), or pickling arbitrary Python objects (:class:`UnsafeCheckpointError`
+    naming the globals). Reads the archive's directory and pickle opcodes only, not the tensors.
+
+    Used before Lightning resumes from ``ckpt_path`` (its loader would fail deep inside with a long traceback).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file: truncated or not a checkpoint")
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # not a zip archive / no central directory (cut off) / no data.pkl
+        raise _not_a_checkpoint(path, err) from err
+    if unsafe:
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load a checkpoint that pickles arbitrary Python objects (weights_only=True); "
+            f"the file references: {', '.join(unsafe)}"
+        )
+
+
 def _load_or_explain(path: Path, extra: list[Any]) -> Any:
     try:
         if not extra:
             return torch.load(path, map_location="cpu", weights_only=True)
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, KeyError, ValueError, zipfile.BadZipFile) as err:  # cut off, or not torch.save
+        raise _not_a_checkpoint(path, err) from err
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path) and "global" not in str(err).lower():  # garbage, not a forbidden class
+            raise _not_a_checkpoint(path, err) from err
         try:
             listed = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:  # legacy (non-zip) format or old torch: quote torch's own reason

@@ -18,13 +18,18 @@ from bmp_lightning.interop.mmpose import convert_mmpose_vitpose
 log = logging.getLogger(__name__)
 
 
-def read_pose_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_pose_weights(
+    path: str | os.PathLike, allow_objects: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a weights file (never unpickling code) -> (state dict in our ``TopdownHeatmapNet`` names, meta).
+
+    ``allow_objects``: keep Python objects the file pickles besides tensors and plain data (MMEngine's message hub)
+    as inert placeholders; False refuses such a file (``UnsafeCheckpointError`` naming the file and the globals).
 
     ``meta`` carries what the file knows about the model: ``use_mask``, ``net_config`` (the Hydra config of the
     network for our checkpoints) and ``source`` (``lightning`` / ``ours`` / ``mmpose``).
     """
-    obj = safe_load(path, placeholders=True)
+    obj = safe_load(path, placeholders=allow_objects)
     meta: dict[str, Any] = {}
     if (
         isinstance(obj, dict)
@@ -84,13 +89,16 @@ def infer_net_kwargs(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     )
 
 
-def build_net_from_weights(path: str | os.PathLike, preset: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the right network for a weights file and load it strictly."""
+def build_net_from_weights(
+    path: str | os.PathLike, preset: str | None = None, allow_objects: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the right network for a weights file and load it strictly (a file pickling arbitrary Python objects
+    is refused unless ``allow_objects``, see :func:`read_pose_weights`)."""
     import hydra
 
     from bmp_lightning.models.components import pose_net
 
-    sd, meta = read_pose_weights(path)
+    sd, meta = read_pose_weights(path, allow_objects=allow_objects)
     if preset is not None:
         net = pose_net.build_pose_net(preset, num_keypoints=int(sd["head.final_layer.weight"].shape[0]))
     elif meta.get("net_config"):

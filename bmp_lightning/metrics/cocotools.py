@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.utils.run import to_json
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+            f.write(to_json(obj))  # valid JSON: a NaN/inf is written as null
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -31,7 +31,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion
 from bmp_lightning.models.ema import ExpMomentumEMA
+from bmp_lightning.models.optim import train_steps_per_epoch
 from bmp_lightning.utils.common import to_plain
+from bmp_lightning.utils.fit_guard import (
+    NonFiniteGuard,
+    check_finite_state,
+    check_loader_state_applied,
+    guarded_optimizer_step,
+    keep_epoch_unfinished,
+)
+from bmp_lightning.utils.skips import log_skips
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,8 @@ class InstSegLitModule(L.LightningModule):
         val_name: metric namespace ``val/<val_name>/...``; default the datamodule's ``val_name``/``name`` attribute,
             else the folder holding the val json's ``annotations`` folder (``coco``, ``synthetic``...).
         criterion: loss keyword arguments for ``RTMDetInsCriterion`` (weights, eps).
+        max_nonfinite_steps: NaN/inf losses to skip (no optimizer or EMA step; counted as ``train/nonfinite_steps``)
+            before the run stops with an error; 0 stops at the first.
     """
 
     def __init__(
@@ -178,6 +189,7 @@ class InstSegLitModule(L.LightningModule):
         mask_thr: float = 0.5,
         val_name: str | None = None,
         criterion: dict[str, Any] | None = None,
+        max_nonfinite_steps: int = 0,
     ) -> None:
         betas = tuple(float(b) for b in to_plain(betas))  # plain values in the checkpoint's hyper_parameters
         criterion = dict(to_plain(criterion)) if criterion else None
@@ -199,6 +211,7 @@ class InstSegLitModule(L.LightningModule):
         self.net_config: dict[str, Any] | None = None
         self._evaluator = None
         self._val_name: str | None = val_name
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -229,20 +242,31 @@ class InstSegLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.nonfinite.before_forward(self)
         out = self.model(self.normalize(batch["img"]))
         losses = self.criterion(out, batch["targets"])
         loss = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_mask"]
         bsz = batch["img"].shape[0]
-        for k, v in losses.items():
-            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=True, batch_size=bsz)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz)
+        if not self.nonfinite.check(self, loss):
+            for k, v in losses.items():
+                self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=True, batch_size=bsz)
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=bsz)
+        if self.nonfinite.max_steps:
+            self.log(
+                "train/nonfinite_steps", float(self.nonfinite.count), on_step=False, on_epoch=True, reduce_fx="max"
+            )
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then one EMA update (before any callback's ``on_train_batch_end``, so a checkpoint
-        written there holds the EMA of this very step)."""
-        super().optimizer_step(*args, **kwargs)
-        if self.ema_model is not None:
+    def on_train_start(self) -> None:
+        check_loader_state_applied(self.trainer)  # a mid-epoch resume continues where it stopped, or fails
+
+    def on_train_epoch_end(self) -> None:
+        log_skips(self)  # train/skipped_samples, train/skipped_entries: over DataLoader workers and DDP ranks
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step (skipped on a tolerated non-finite loss), then one EMA update (before any callback's
+        ``on_train_batch_end``, so a checkpoint written there holds the EMA of this very step)."""
+        if guarded_optimizer_step(self, optimizer, optimizer_closure) and self.ema_model is not None:
             self.ema_model.update(self.model)
 
     # ------------------------------------------------------------------ validation
@@ -338,11 +362,15 @@ class InstSegLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_state(checkpoint, trainer=self._trainer)  # NaN/inf weights are never saved
+        keep_epoch_unfinished(self._trainer, checkpoint)
         checkpoint["net_config"] = self.net_config
         checkpoint["num_classes"] = self.num_classes
+        checkpoint["nonfinite_steps"] = self.nonfinite.count
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
+        self.nonfinite.load_state_dict({"count": checkpoint.get("nonfinite_steps", 0)})
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -352,7 +380,7 @@ class InstSegLitModule(L.LightningModule):
         max_epochs = self.trainer.max_epochs
         if not max_epochs or max_epochs < 0:
             raise ValueError("InstSegLitModule needs trainer.max_epochs (the cosine schedule ends there)")
-        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches // max_epochs))
+        steps_per_epoch = train_steps_per_epoch(self.trainer)
 
         def factor(step: int) -> float:
             return rtmdet_lr_factor(

@@ -12,8 +12,10 @@ Our block names are ``backbone.blocks.{i}``; MMPose's ``backbone.layers.{i}`` is
 from __future__ import annotations
 
 import bisect
+import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,3 +118,29 @@ def build_warmup_multistep(
 
 
 build_warmup_multistep_scheduler = build_warmup_multistep  # longer alias
+
+
+def train_steps_per_epoch(trainer: Any) -> int:
+    """Optimizer steps in one training epoch, for per-step schedules that change by epoch.
+
+    Read from the datamodule's ``train_batch_sampler()`` (its length is arithmetic on the dataset sizes) instead of
+    ``trainer.estimated_stepping_batches``: that property builds the training DataLoader and its first iterator when
+    ``configure_optimizers`` runs, i.e. before Lightning restores the loops from ``ckpt_path``, and Lightning never
+    applies the checkpoint's loader state to a loader it already has, so a mid-epoch resume replayed the epoch from its
+    first batch. It also divided by ``max_epochs`` after capping at ``max_steps``, so the schedule depended on when a
+    run was told to stop. ``limit_train_batches`` and ``accumulate_grad_batches`` are applied as Lightning does. A
+    datamodule without ``train_batch_sampler`` (not resumable anyway) falls back to the estimate.
+    """
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None and callable(getattr(dm, "train_batch_sampler", None)):
+        batches = _parse_num_batches(RunningStage.TRAINING, len(dm.train_batch_sampler()), trainer.limit_train_batches)
+    else:
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        est = trainer.estimated_stepping_batches
+        batches = est // max_epochs if math.isfinite(est) and trainer.max_steps == -1 else trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError("an epoch-based lr schedule needs a training loader with a length")
+    return max(1, math.ceil(int(batches) / max(1, int(trainer.accumulate_grad_batches))))

@@ -17,8 +17,16 @@ from torch import nn
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
 from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
-from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups
+from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
 from bmp_lightning.utils.common import to_plain
+from bmp_lightning.utils.fit_guard import (
+    NonFiniteGuard,
+    check_finite_state,
+    check_loader_state_applied,
+    guarded_optimizer_step,
+    keep_epoch_unfinished,
+)
+from bmp_lightning.utils.skips import log_skips
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,8 @@ class PoseLitModule(L.LightningModule):
         use_mask: MaskPose (the data pipeline dims the background by the instance mask).
         init_weights: weights to start from (ours or an official MMPose ``.pth``); ``ckpt_path`` resumes instead.
         score_thr: keypoint score threshold for the COCO instance score (0.2 upstream).
+        max_nonfinite_steps: NaN/inf losses to skip (no optimizer step; counted as ``train/nonfinite_steps``) before
+            the run stops with an error; 0 stops at the first.
     """
 
     def __init__(
@@ -58,6 +68,7 @@ class PoseLitModule(L.LightningModule):
         heatmap_size: tuple[int, int] = (48, 64),
         sigma: float = 2.0,
         compile: bool = False,
+        max_nonfinite_steps: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
@@ -70,6 +81,7 @@ class PoseLitModule(L.LightningModule):
         self._val_preds: dict[int, list[dict[str, Any]]] = defaultdict(list)
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
         self.net_config: dict[str, Any] | None = None
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     # ------------------------------------------------------------------ forward
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -103,10 +115,25 @@ class PoseLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.nonfinite.before_forward(self)
         heatmaps = self.net(batch["img"])
         loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=heatmaps.shape[0])
+        if not self.nonfinite.check(self, loss):
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=heatmaps.shape[0])
+        if self.nonfinite.max_steps:
+            self.log(
+                "train/nonfinite_steps", float(self.nonfinite.count), on_step=False, on_epoch=True, reduce_fx="max"
+            )
         return loss
+
+    def on_train_start(self) -> None:
+        check_loader_state_applied(self.trainer)  # a mid-epoch resume continues where it stopped, or fails
+
+    def on_train_epoch_end(self) -> None:
+        log_skips(self)  # train/skipped_samples, train/skipped_entries: over DataLoader workers and DDP ranks
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        guarded_optimizer_step(self, optimizer, optimizer_closure)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -146,7 +173,10 @@ class PoseLitModule(L.LightningModule):
         self._val_preds = defaultdict(list)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_state(checkpoint, trainer=self._trainer)  # NaN/inf weights are never saved
+        keep_epoch_unfinished(self._trainer, checkpoint)
         checkpoint["net_config"] = self.net_config
+        checkpoint["nonfinite_steps"] = self.nonfinite.count
         # Hydra passes ListConfig/DictConfig arguments; plain containers keep the checkpoint loadable with
         # torch.load(weights_only=True), which Lightning uses to resume (ckpt_path)
         if "hyper_parameters" in checkpoint:
@@ -154,6 +184,7 @@ class PoseLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.net_config = checkpoint.get("net_config", self.net_config)
+        self.nonfinite.load_state_dict({"count": checkpoint.get("nonfinite_steps", 0)})
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -162,7 +193,7 @@ class PoseLitModule(L.LightningModule):
             self.net, base_lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay, num_layers=hp.num_layers
         )
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs)))
+        steps_per_epoch = train_steps_per_epoch(self.trainer)
         scheduler = build_warmup_multistep(
             optimizer,
             steps_per_epoch=steps_per_epoch,

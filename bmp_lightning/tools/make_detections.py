@@ -53,7 +53,7 @@ from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.tools.make_sam_masks import write_skip_report
 from bmp_lightning.utils.cli import parse_key_values
 from bmp_lightning.utils.distributed import DistContext
-from bmp_lightning.utils.run import atomic_write_json
+from bmp_lightning.utils.run import atomic_write_json, to_json
 
 log = logging.getLogger("bmp_lightning.make_detections")
 
@@ -286,7 +286,7 @@ def make_detections(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(sidecar, "a") as f:
         if f.tell() == 0:
-            f.write(json.dumps({"settings": settings}) + "\n")
+            f.write(to_json({"settings": settings}) + "\n")
         for chunk in _chunks(remaining, batch):
             records, arrays, metas = [], [], []
             for im in chunk:
@@ -304,7 +304,7 @@ def make_detections(
                 records.append({"image_id": im["id"], "detections": dets})
             for rec in records:
                 done[int(rec["image_id"])] = rec
-                f.write(json.dumps(rec) + "\n")
+                f.write(to_json(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())  # a finished image survives a crash of the machine, not only of the process
             stats["new"] += len(metas)

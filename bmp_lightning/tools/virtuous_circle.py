@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from bmp_lightning.utils.run import to_json
+
 log = logging.getLogger("bmp_lightning.virtuous_circle")
 
 SPLIT_NAME = "synthetic_crowd"  # data.name of conf/experiment/bmp_synthetic_eval.yaml
@@ -262,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         detector=str(det), pose=str(pose), det_epochs=args.det_epochs, pose_epochs=args.pose_epochs,
         wall_s=time.perf_counter() - t0, **timings,
     )  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(to_json(summary, indent=2) + "\n")
     print(format_table(summary))
     print(f"wall {summary['wall_s']:.0f} s; summary in {out / 'summary.json'}")
     return 0
