@@ -68,6 +68,8 @@ class PoseDataModule(L.LightningDataModule):
             pass unmasked instead of raising (upstream raises). The pipeline knobs
             ``mask_alpha``, ``mask_perturb``, ``photometric``, ``input_size`` (w, h), ``heatmap_size`` (w, h), ``sigma``
             go to ``bmp_lightning.data.transforms.build_pose_pipeline``.
+        normalize: normalise crops in the workers (float32); default False: workers hand uint8 crops (4x fewer
+            bytes through worker queues and pinned memory) and ``PoseLitModule.normalize`` runs on the device.
         skip_bad_samples: skip (count, log) broken annotations and images instead of failing.
         seed: seed of the batch sampler's streams and the augmentation RNG.
         synthetic: ``{out_dir, n_images, seed, ...}``: generate the synthetic dataset there when its files are missing
@@ -95,7 +97,7 @@ class PoseDataModule(L.LightningDataModule):
         input_size: Sequence[int] = (192, 256),
         heatmap_size: Sequence[int] = (48, 64),
         sigma: float = 2.0,
-        normalize: bool = True,
+        normalize: bool = False,
         shuffle: bool = True,
         skip_bad_samples: bool = False,
         seed: int = 0,
