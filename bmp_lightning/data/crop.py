@@ -8,6 +8,7 @@ pipeline). Conventions are those described there: ``bbox`` is the unpadded xyxy 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,6 +125,9 @@ def source_region(
     return x0, y0, x1, y1
 
 
+_scratch = threading.local()  # one image-sized scratch buffer per thread (DataLoader workers: per process)
+
+
 def warp_region(
     region: np.ndarray,
     mat: np.ndarray,
@@ -137,10 +141,14 @@ def warp_region(
 
     The region goes into an uninitialised image-sized buffer and the warp runs with the very same matrix: a shifted
     matrix would move OpenCV's float/fixed-point source coordinates by rounding and change a few crop pixels.
-    Untouched buffer pages cost nothing.
+    The buffer is reused; what it holds outside the region is never read.
     """
     x0, y0 = int(offset[0]), int(offset[1])
-    buf = np.empty((int(image_hw[0]), int(image_hw[1]), *region.shape[2:]), region.dtype)
+    shape = (int(image_hw[0]), int(image_hw[1]), *region.shape[2:])
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < np.prod(shape) or buf.dtype != region.dtype:
+        buf = _scratch.buf = np.empty(max(int(np.prod(shape)), 1 << 20), region.dtype)  # reused: no page faults
+    buf = buf[: int(np.prod(shape))].reshape(shape)
     buf[y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
     return cv2.warpAffine(buf, mat, (int(output_size[0]), int(output_size[1])), flags=flags)
 
