@@ -162,10 +162,14 @@ def nearest_seed(ys: np.ndarray, xs: np.ndarray, seed_y: np.ndarray, seed_x: np.
 
 def _window_box(mask: np.ndarray, margin: int) -> Box:
     """The foreground's bounding box grown by ``margin`` (clipped; a 0x0 box for an empty mask)."""
-    x, y, w, h = cv2.boundingRect(mask)
+    if hasattr(mask, "bbox"):  # a lazily decoded RleMask: from its runs
+        x0, y0, x1, y1 = mask.bbox()
+        x, y, w, h = x0, y0, x1 - x0, y1 - y0
+    else:
+        x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask, np.uint8) if mask.dtype == bool else mask)
     if w == 0 or h == 0:
         return 0, 0, 0, 0
-    hh, ww = mask.shape
+    hh, ww = mask.shape[:2]
     return max(x - margin, 0), max(y - margin, 0), min(x + w + margin, ww), min(y + h + margin, hh)
 
 
@@ -273,6 +277,9 @@ def perturb_mask_region(
     return_branch: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, str | None]:
     """``perturb_mask(mask, rng, ...)[y0:y1, x0:x1]`` for ``box = (x0, y0, x1, y1)``, without the full-image work.
+
+    ``mask``: an ``(H, W)`` array or a lazily decoded :class:`~bmp_lightning.data.masks.RleMask` (only the box and
+    the foreground's bounding box are decoded).
 
     Same draws in the same order as :func:`perturb_mask`. The 5x5 open/close runs on the foreground's bounding box
     (+ 8 px, where its result is confined); kernel sizes come from that whole opened mask's area; the area-scaled

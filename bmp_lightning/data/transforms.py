@@ -491,11 +491,15 @@ class RoiCompose(Compose):
     ``MaskBackground`` after the geometry changes no draw, and the samples (crop, mask, heatmaps, weights) are
     identical to the reference's.
 
-    Supports pipelines of the shape ``[GetBBoxCenterScale | MaskBackground | RandomFlip | RandomHalfBody |
-    RandomBBoxTransform]* TopdownAffine [anything working on the crop]*`` (what :func:`build_pose_pipeline` builds).
+    ``mask`` may be an array or a :class:`~bmp_lightning.data.masks.RleMask` (``region_first``: what datasets
+    check before handing one). Supports pipelines of the shape ``[GetBBoxCenterScale | MaskBackground | RandomFlip |
+    RandomHalfBody | RandomBBoxTransform]* TopdownAffine [anything working on the crop]*`` (what
+    :func:`build_pose_pipeline` builds).
     """
 
     _BEFORE_WARP = (GetBBoxCenterScale, MaskBackground, RandomFlip, RandomHalfBody, RandomBBoxTransform)
+    # datasets may hand the mask as a lazily decoded RleMask: only the regions read are decoded
+    region_first = True
 
     def __init__(self, transforms: Sequence[Callable[[Sample, np.random.Generator], Sample]]) -> None:
         super().__init__(transforms)

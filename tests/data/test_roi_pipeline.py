@@ -15,12 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from scipy.ndimage import distance_transform_edt
 
 from bmp_lightning.data.crop import source_region, warp_region
 from bmp_lightning.data.datasets import TopDownPoseDataset
 from bmp_lightning.data.mask_perturb import BRANCHES, nearest_seed, perturb_mask, perturb_mask_region
-from bmp_lightning.data.masks import segmentation_to_mask
+from bmp_lightning.data.masks import RleMask, segmentation_to_mask
 from bmp_lightning.data.readers import read_coco_keypoints
 from bmp_lightning.data.synthetic import sample_scene
 from bmp_lightning.data.transforms import (
@@ -247,3 +248,58 @@ def test_flip_geometry_matches_the_image_flip():
     for key in ("bbox", "bbox_center", "keypoints", "keypoints_visible"):
         np.testing.assert_array_equal(geo[key], full[key])
     assert geo["img"] is s["img"]  # the pixels are left to the region-first pipeline
+
+
+@pytest.mark.parametrize(("train", "use_mask"), PIPELINES, ids=IDS)
+def test_dataset_samples_equal_reference_dataset(sample_data_dir: Path, train: bool, use_mask: bool):
+    """Through TopDownPoseDataset (lazily decoded masks for the region-first pipeline, uint8 crops): the tensors a
+    DataLoader batches are identical to those of the full-image reference pipeline with fully decoded masks."""
+    coco = sample_data_dir / "coco"
+    records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
+    ref, fast = pipelines(train, use_mask)
+    ds_ref = TopDownPoseDataset(records, ref, normalize=False, use_mask=use_mask)
+    ds_fast = TopDownPoseDataset(records, fast, normalize=False, use_mask=use_mask)
+    if use_mask:
+        assert isinstance(ds_fast.load_sample(0)["mask"], RleMask)
+        assert isinstance(ds_ref.load_sample(0)["mask"], np.ndarray)
+    for epoch in range(3 if train else 1):
+        ds_ref.set_epoch(epoch)
+        ds_fast.set_epoch(epoch)
+        for i in range(len(records)):
+            a, b = ds_ref[i], ds_fast[i]
+            assert b["img"].dtype == torch.uint8 and b["img"].shape == (3, 256, 192)
+            for key in ("img", "heatmaps", "keypoint_weights", "bbox_center", "bbox_scale"):
+                torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"#{i} epoch {epoch} {key}")
+
+
+def test_rle_mask_decodes_boxes_like_pycocotools(sample_data_dir: Path):
+    from bmp_lightning.data.masks import mask_to_rle
+
+    doc = json.loads((sample_data_dir / "coco" / "test_coco.json").read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in doc["images"]}
+    segs = [(a["segmentation"], *sizes[a["image_id"]]) for a in doc["annotations"]]  # polygons
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        m = (rng.random((50, 70)) < 0.3).astype(np.uint8) if k % 3 else np.zeros((50, 70), np.uint8)
+        if k == 5:
+            m[:] = 1
+        if k == 7:
+            m[10:20, 30] = 1  # one run inside one column
+        segs.append((mask_to_rle(m), 50, 70))  # compressed string
+        flat = m.T.reshape(-1)
+        cuts = np.flatnonzero(np.diff(np.r_[0, flat]))
+        segs.append(({"size": [50, 70], "counts": np.diff(np.r_[0, cuts, flat.size]).tolist()}, 50, 70))
+    for seg, h, w in segs:
+        ref = segmentation_to_mask(seg, h, w)
+        lazy = RleMask(seg, h, w)
+        np.testing.assert_array_equal(np.asarray(lazy), ref)
+        ys, xs = np.nonzero(ref)
+        expect = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else (0, 0, 0, 0)
+        assert lazy.bbox() == tuple(int(v) for v in expect)
+        for _ in range(10):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            x1, y1 = int(rng.integers(x0, w + 1)), int(rng.integers(y0, h + 1))
+            np.testing.assert_array_equal(lazy[y0:y1, x0:x1], ref[y0:y1, x0:x1])
+    assert RleMask(mask_to_rle(np.zeros((5, 6), np.uint8)), 6, 5).shape == (5, 6)  # the RLE's size, as decode
+    with pytest.raises(ValueError, match="cover 29 pixels"):
+        RleMask({"size": [5, 6], "counts": [20, 9]}, 5, 6)
