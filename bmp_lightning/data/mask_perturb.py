@@ -24,6 +24,8 @@ and assigns the box's pixels to their nearest seed with the tie-breaking of SciP
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 from scipy.ndimage import distance_transform_edt
@@ -239,6 +241,18 @@ def cells_in_box(
     return out
 
 
+def _kth_in_rows(
+    pos: np.ndarray, row_counts: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], y0: int, x0: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image coordinates of the ``pos``-th members (raster order) of a set with ``row_counts`` members per row;
+    ``rows(r)`` gives the bool membership of rows ``r`` (offset ``y0``, ``x0`` to image coordinates)."""
+    ends = np.cumsum(row_counts)
+    r = np.searchsorted(ends, pos, side="right")
+    k = pos - (ends[r] - row_counts[r])  # index within its row
+    col = np.argmax(np.cumsum(rows(r), axis=1) > k[:, None], axis=1)
+    return r + y0, col + x0
+
+
 def _remove_cells_region(
     n_pixels: int,
     to_yx,
@@ -302,37 +316,47 @@ def perturb_mask_region(
     patches = rng.random() < 0.5
     branch = ("enlarge_" if enlarge else "shrink_") + ("patches" if patches else "morphology")
     out = _read(win, wbox, box)
-    wy, wx = np.nonzero(win)  # raster order == the full image's flat order
-    fg_y, fg_x = wy + wbox[1], wx + wbox[0]
+    # the opened mask is `win` inside `wbox`, 0 elsewhere; rows are counted, pixels are not listed
+    row_fg = win.sum(axis=1, dtype=np.int64)
+    n_fg = int(row_fg.sum())
+    height, width = shape
     if branch == "shrink_patches":
+
+        def fg_yx(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _kth_in_rows(pos, row_fg, lambda r: win[r] > 0, wbox[1], wbox[0])
+
         try:
-            deleted = _remove_cells_region(
-                len(fg_y), lambda pos: (fg_y[pos], fg_x[pos]), rng, erode_amount, 10, out > 0, (x0, y0)
-            )
+            deleted = _remove_cells_region(n_fg, fg_yx, rng, erode_amount, 10, out > 0, (x0, y0))
         except ValueError:
             deleted = None
         if deleted is not None:
             out[deleted] = 0
     elif branch == "enlarge_patches":
-        width = shape[1]
-        flat_fg = fg_y.astype(np.int64) * width + fg_x
-        # the k-th background pixel: k plus the foreground pixels before it (flat_fg[i] - i = background before it)
-        before = flat_fg - np.arange(len(flat_fg))
+        row_bg = np.full(height, width, np.int64)
+        row_bg[wbox[1] : wbox[3]] -= row_fg
 
-        def to_yx(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            flat = pos + np.searchsorted(before, pos, side="right")
-            return flat // width, flat % width
+        def bg_rows(r: np.ndarray) -> np.ndarray:
+            rows = np.zeros((len(r), width), np.uint8)
+            inside = (r >= wbox[1]) & (r < wbox[3])
+            rows[inside, wbox[0] : wbox[2]] = win[r[inside] - wbox[1]]
+            return rows == 0
 
         try:
             deleted = _remove_cells_region(
-                shape[0] * shape[1] - len(fg_y), to_yx, rng, dilate_amount, 50, out == 0, (x0, y0)
+                height * width - n_fg,
+                lambda pos: _kth_in_rows(pos, row_bg, bg_rows, 0, 0),
+                rng,
+                dilate_amount,
+                50,
+                out == 0,
+                (x0, y0),
             )
         except ValueError:
             deleted = None
         if deleted is not None:
             out[deleted] = 1  # deleted background cells join the mask
     else:
-        k_big, k_small = morph_kernel_sizes(len(fg_y))
+        k_big, k_small = morph_kernel_sizes(n_fg)
         reach = 2 * k_big + k_small + 2  # open/close + erode/dilate never look further
         grown = _grow(box, reach, shape)
         local = _read(win, wbox, grown)

@@ -84,7 +84,7 @@ class PoseLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.net(img)
+        return self.net(self.normalize(img))
 
     @property
     def num_keypoints(self) -> int:
