@@ -529,14 +529,17 @@ class RoiCompose(Compose):
         affine: TopdownAffine = self.transforms[self._warp]
         geometry = affine.geometry(sample)
         mat = geometry[0]
-        x0, y0, x1, y1 = source_region(mat, affine.input_size, width, height)  # in the (maybe flipped) frame
         flip = bool(sample.get("flip", False))
+        mask = sample.get("mask")
+        if masking is None and not flip and mask is None:  # nothing to change before the warp: warp the image
+            crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
+            return self._after_warp(affine.finish(sample, geometry, crop, None), streams)
+        x0, y0, x1, y1 = source_region(mat, affine.input_size, width, height)  # in the (maybe flipped) frame
         box = (width - x1, y0, width - x0, y1) if flip else (x0, y0, x1, y1)
         if masking is not None:
             region, mask = self.transforms[masking].apply_region(sample, streams[masking], box)
         else:
             region = img[box[1] : box[3], box[0] : box[2]]
-            mask = sample.get("mask")
             mask = None if mask is None else mask[box[1] : box[3], box[0] : box[2]]
         if flip:
             region = region[:, ::-1]
@@ -547,7 +550,9 @@ class RoiCompose(Compose):
             crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
         if mask is not None:
             mask = warp_region(mask, mat, (x0, y0), affine.input_size, cv2.INTER_NEAREST, (height, width))
-        sample = affine.finish(sample, geometry, crop, mask)
+        return self._after_warp(affine.finish(sample, geometry, crop, mask), streams)
+
+    def _after_warp(self, sample: Sample, streams: list[np.random.Generator]) -> Sample:
         for i in range(self._warp + 1, len(self.transforms)):
             sample = self.transforms[i](sample, streams[i])
         return sample
