@@ -343,8 +343,8 @@ class RandomHalfBody:
         visible = np.asarray(visible).reshape(-1)
         if (visible > 0).sum() < self.min_total_keypoints or rng.random() > self.prob:
             return None
-        up = [i for i in upper if visible[i] > 0]
-        lo = [i for i in lower if visible[i] > 0]
+        upper, lower = np.asarray(upper, np.int64), np.asarray(lower, np.int64)
+        up, lo = upper[visible[upper] > 0], lower[visible[lower] > 0]  # the visible ids of each half, in order
         prefer_upper = rng.random() < self.upper_prioritized_prob
         if len(up) < self.min_upper_keypoints and len(lo) < self.min_lower_keypoints:
             return None
