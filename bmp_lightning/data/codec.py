@@ -80,6 +80,8 @@ class UDPHeatmap:
         self.scale_factor = (np.array(self.input_size, np.float64) - 1) / (np.array(self.heatmap_size) - 1)
         kernel = gaussian_kernel_1d(self.blur_kernel_size)
         w, h = self.heatmap_size
+        self._xs = np.arange(w, dtype=np.float64)[None]
+        self._ys = np.arange(h, dtype=np.float64)[None]
         # The zero-padded separable blur as two small dense matrices: blurred = Bh @ hm @ Bw^T. A matmul beats a
         # depthwise conv on CPU for 64x48 maps and keeps the zero-padding semantics exact.
         self._blur_h = torch.from_numpy(_band_matrix(h, kernel)).float()
@@ -113,12 +115,15 @@ class UDPHeatmap:
         outside = (left >= w) | (top >= h) | (right <= 0) | (bottom <= 0)
         weights = np.where(valid & ~outside, np.minimum(visible, 1.0), 0.0)
 
-        xs = np.arange(w, dtype=np.float64)
-        ys = np.arange(h, dtype=np.float64)
-        gx = np.exp(-((xs[None] - kp[:, :1]) ** 2) / (2 * self.sigma**2)) * (np.abs(xs[None] - mu[:, :1]) <= radius)
-        gy = np.exp(-((ys[None] - kp[:, 1:]) ** 2) / (2 * self.sigma**2)) * (np.abs(ys[None] - mu[:, 1:]) <= radius)
-        heatmaps = gy[:, :, None] * gx[:, None, :] * (weights > 0)[:, None, None]
-        return heatmaps.astype(np.float32), weights.astype(np.float32)
+        # separable: one (K, W) and one (K, H) Gaussian profile (float64), their outer product in float32 (within an
+        # ulp of the float64 product; no per-keypoint loop, 3x less work than a float64 (K, H, W) product)
+        inv = -1.0 / (2 * self.sigma**2)
+        gx = np.exp((self._xs - kp[:, :1]) ** 2 * inv) * (np.abs(self._xs - mu[:, :1]) <= radius)
+        gy = np.exp((self._ys - kp[:, 1:]) ** 2 * inv) * (
+            (np.abs(self._ys - mu[:, 1:]) <= radius) & (weights > 0)[:, None]
+        )
+        heatmaps = gy.astype(np.float32)[:, :, None] * gx.astype(np.float32)[:, None, :]
+        return heatmaps, weights.astype(np.float32)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()

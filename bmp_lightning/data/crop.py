@@ -8,6 +8,7 @@ pipeline). Conventions are those described there: ``bbox`` is the unpadded xyxy 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,9 @@ __all__ = [
     "fix_aspect_ratio",
     "get_udp_warp_matrix",
     "affine_points",
+    "invert_affine",
+    "source_region",
+    "warp_region",
 ]
 
 
@@ -88,6 +92,67 @@ def affine_points(points: np.ndarray, mat: np.ndarray) -> np.ndarray:
     return points @ mat[:, :2].T + mat[:, 2]
 
 
+def invert_affine(mat: np.ndarray) -> np.ndarray:
+    """The inverse ``(2, 3)`` affine, computed with exactly the float64 operations ``cv2.warpAffine`` uses to invert
+    its matrix (so a warp given this inverse with ``WARP_INVERSE_MAP`` samples the very same source points)."""
+    m = [float(v) for v in np.asarray(mat, np.float64).reshape(6)]
+    d = m[0] * m[4] - m[1] * m[3]
+    d = 1.0 / d if d != 0 else 0.0
+    a11, a22 = m[4] * d, m[0] * d
+    m1, m3 = m[1] * -d, m[3] * -d
+    return np.array([[a11, m1, -a11 * m[2] - m1 * m[5]], [m3, a22, -m3 * m[2] - a22 * m[5]]])
+
+
+def source_region(
+    mat: np.ndarray, output_size: Sequence[int], width: int, height: int, margin: int = 2
+) -> tuple[int, int, int, int]:
+    """The pixel box ``(x0, y0, x1, y1)`` (half-open, inside the image, never empty) of a ``width`` x ``height``
+    image that a bilinear or nearest ``cv2.warpAffine(img, mat, output_size)`` reads.
+
+    The crop grid is convex, so its source is the hull of the four mapped corners; ``margin`` covers the second
+    bilinear tap and the 1/32-pixel fixed-point rounding of OpenCV's coordinates. A crop that samples nothing of the
+    image gets a 1-pixel box at the nearest edge (it reads only the constant border either way).
+    """
+    w, h = int(output_size[0]), int(output_size[1])
+    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
+    src = affine_points(corners, invert_affine(mat))
+    lo = np.floor(src.min(axis=0)) - margin
+    hi = np.floor(src.max(axis=0)) + margin + 1
+    x0 = int(np.clip(lo[0], 0, width - 1))
+    y0 = int(np.clip(lo[1], 0, height - 1))
+    x1 = int(np.clip(hi[0], x0 + 1, width))
+    y1 = int(np.clip(hi[1], y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+_scratch = threading.local()  # one image-sized scratch buffer per thread (DataLoader workers: per process)
+
+
+def warp_region(
+    region: np.ndarray,
+    mat: np.ndarray,
+    offset: Sequence[int],
+    output_size: Sequence[int],
+    flags: int,
+    image_hw: Sequence[int],
+) -> np.ndarray:
+    """``cv2.warpAffine(img, mat, output_size, flags=flags)``, bit for bit, knowing only ``region =
+    img[y0:y1, x0:x1]`` (``offset = (x0, y0)``; it must hold every pixel the warp reads, see :func:`source_region`).
+
+    The region goes into an uninitialised image-sized buffer and the warp runs with the very same matrix: a shifted
+    matrix would move OpenCV's float/fixed-point source coordinates by rounding and change a few crop pixels.
+    The buffer is reused; what it holds outside the region is never read.
+    """
+    x0, y0 = int(offset[0]), int(offset[1])
+    shape = (int(image_hw[0]), int(image_hw[1]), *region.shape[2:])
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < np.prod(shape) or buf.dtype != region.dtype:
+        buf = _scratch.buf = np.empty(max(int(np.prod(shape)), 1 << 20), region.dtype)  # reused: no page faults
+    buf = buf[: int(np.prod(shape))].reshape(shape)
+    buf[y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
+    return cv2.warpAffine(buf, mat, (int(output_size[0]), int(output_size[1])), flags=flags)
+
+
 # ---------------------------------------------------------------------------------------------------- transforms
 class TopdownAffine:
     """Warp the person to the model input with the UDP affine.
@@ -104,7 +169,8 @@ class TopdownAffine:
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.padding = padding
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+    def geometry(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """The UDP warp ``(2, 3)`` float64 of the sample's working box, and the final center, scale, rotation."""
         w, h = self.input_size
         center, scale = bbox_xyxy_to_cs(sample["bbox"], self.padding)
         scale = fix_aspect_ratio(scale, w / h)
@@ -113,9 +179,20 @@ class TopdownAffine:
             mat = get_udp_warp_matrix(center, scale, rot, (w, h))
         except ValueError as e:
             raise BadSampleError(f"{_where(sample)}: {e}") from e
-        sample["img"] = cv2.warpAffine(sample["img"], mat, (w, h), flags=cv2.INTER_LINEAR)
-        if sample.get("mask") is not None:
-            sample["mask"] = cv2.warpAffine(sample["mask"], mat, (w, h), flags=cv2.INTER_NEAREST)
+        return mat, center, scale, rot
+
+    def finish(
+        self,
+        sample: Sample,
+        geometry: tuple[np.ndarray, np.ndarray, np.ndarray, float],
+        img: np.ndarray,
+        mask: np.ndarray | None,
+    ) -> Sample:
+        """Store the warped ``img``/``mask`` and the crop bookkeeping of ``geometry`` in the sample."""
+        mat, center, scale, rot = geometry
+        sample["img"] = img
+        if mask is not None:
+            sample["mask"] = mask
         sample["keypoints"] = affine_points(np.asarray(sample["keypoints"])[:, :2], mat).astype(np.float32)
         sample["keypoints_visible"] = np.asarray(sample["keypoints_visible"], np.float32)
         sample["warp_mat"] = mat.astype(np.float32)
@@ -123,8 +200,17 @@ class TopdownAffine:
         sample["bbox_center"] = center.astype(np.float32)
         sample["bbox_scale"] = scale.astype(np.float32)
         sample["bbox_rotation"] = rot
-        sample["input_size"] = (w, h)
+        sample["input_size"] = self.input_size
         return sample
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        geometry = self.geometry(sample)
+        mat = geometry[0]
+        img = cv2.warpAffine(sample["img"], mat, self.input_size, flags=cv2.INTER_LINEAR)
+        mask = sample.get("mask")
+        if mask is not None:
+            mask = cv2.warpAffine(mask, mat, self.input_size, flags=cv2.INTER_NEAREST)
+        return self.finish(sample, geometry, img, mask)
 
     def __repr__(self) -> str:
         return f"TopdownAffine(input_size={self.input_size}, padding={self.padding})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,37 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002 - the global state is exactly what third-party code draws from
     random.seed(seed)
+
+
+def cpus_available() -> int:
+    """CPU cores this process may run on (the affinity mask under SLURM/taskset, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(devices_per_node: int, cpus: int | None = None, max_workers: int = 16) -> int:
+    """Workers per device when ``num_workers`` is not set: the node's CPUs shared by its devices, one core per
+    device left to the training process itself, at most ``max_workers``."""
+    cpus = cpus_available() if cpus is None else cpus
+    return max(0, min(max_workers, cpus // max(1, devices_per_node) - 1))
+
+
+def measure_samples_per_s(dataset: Any, n: int = 16, seed: int = 0) -> float:
+    """Samples/s of ``dataset[i]`` in this process with one thread (what one DataLoader worker delivers)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(dataset), n + 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset[int(idx[0])]  # warm-up: first image read, lazy imports
+        t = time.perf_counter()
+        for i in idx[1:]:
+            dataset[int(i)]
+        return n / max(time.perf_counter() - t, 1e-9)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -64,10 +96,19 @@ class PoseDataModule(L.LightningDataModule):
             ``reader``.
         root: base for relative ``ann_file`` / ``img_dir`` / ``bbox_file`` paths.
         batch_size: training batch per device (64 upstream); val_batch_size likewise (128 upstream).
+        num_workers: DataLoader workers per device; None: :func:`default_num_workers` (the node's CPUs per device
+            minus one). ``persistent_workers`` (kept across epochs), ``prefetch_factor`` (batches queued per worker)
+            and ``pin_memory`` (on CUDA) are on by default: what a GPU run wants.
+        gpu_samples_per_s: the model's training appetite in samples/s per device (documented per model in the
+            README's performance section). When set and the run trains on GPUs, one worker's samples/s is measured
+            at start and a warning says when ``num_workers`` of them cannot keep up. ``feed_check`` forces the
+            check on (True) or off (False); None: GPU runs only.
         use_mask: MaskPose input (instance masks dim the background); ``mask_optional``: people without a mask
             pass unmasked instead of raising (upstream raises). The pipeline knobs
             ``mask_alpha``, ``mask_perturb``, ``photometric``, ``input_size`` (w, h), ``heatmap_size`` (w, h), ``sigma``
             go to ``bmp_lightning.data.transforms.build_pose_pipeline``.
+        normalize: normalise crops in the workers (float32); default False: workers hand uint8 crops (4x fewer
+            bytes through worker queues and pinned memory) and ``PoseLitModule.normalize`` runs on the device.
         skip_bad_samples: skip (count, log) broken annotations and images instead of failing.
         seed: seed of the batch sampler's streams and the augmentation RNG.
         synthetic: ``{out_dir, n_images, seed, ...}``: generate the synthetic dataset there when its files are missing
@@ -84,9 +125,12 @@ class PoseDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 64,
         val_batch_size: int = 128,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = True,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 4,
+        gpu_samples_per_s: float | None = None,
+        feed_check: bool | None = None,
         use_mask: bool = False,
         mask_optional: bool = False,
         mask_alpha: float = 0.2,
@@ -95,7 +139,7 @@ class PoseDataModule(L.LightningDataModule):
         input_size: Sequence[int] = (192, 256),
         heatmap_size: Sequence[int] = (48, 64),
         sigma: float = 2.0,
-        normalize: bool = True,
+        normalize: bool = False,
         shuffle: bool = True,
         skip_bad_samples: bool = False,
         seed: int = 0,
@@ -107,9 +151,13 @@ class PoseDataModule(L.LightningDataModule):
         self.val_cfgs = [dict(v) for v in (to_plain(val_sets) or [])]
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size)
-        self.num_workers = int(num_workers)
+        self._num_workers = None if num_workers is None else int(num_workers)
         self.pin_memory = bool(pin_memory)
-        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self._persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = int(prefetch_factor)
+        self.gpu_samples_per_s = None if gpu_samples_per_s is None else float(gpu_samples_per_s)
+        self.feed_check = feed_check
+        self.feed_rate: float | None = None  # measured samples/s of one worker (set by the feed check)
         self.use_mask = bool(use_mask)
         self.pipeline_kwargs = {
             "mask_continue_on_failure": bool(mask_optional),
@@ -130,6 +178,79 @@ class PoseDataModule(L.LightningDataModule):
         self.train_source_sizes: list[int] = []
         self.val_sets_info: list[ValSet] = []
         self.read_reports: list[ReadReport] = []  # what the readers kept / filtered / skipped, per file
+
+    # ------------------------------------------------------------------ loader settings
+    def _devices_per_node(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        n = getattr(trainer, "num_devices", None) if trainer is not None else None
+        if n:
+            return int(n)
+        return max(1, torch.cuda.device_count())
+
+    def _on_gpu(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return False
+        return type(getattr(trainer, "accelerator", None)).__name__ == "CUDAAccelerator"
+
+    @property
+    def num_workers(self) -> int:
+        """Workers per device: the configured number, else :func:`default_num_workers`."""
+        if self._num_workers is not None:
+            return self._num_workers
+        return default_num_workers(self._devices_per_node())
+
+    @num_workers.setter
+    def num_workers(self, value: int | None) -> None:
+        self._num_workers = None if value is None else int(value)
+
+    @property
+    def persistent_workers(self) -> bool:
+        return self._persistent_workers and self.num_workers > 0
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.num_workers
+        kwargs: dict[str, Any] = {
+            "num_workers": workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.persistent_workers,
+            "worker_init_fn": seed_worker,
+        }
+        if workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return kwargs
+
+    def check_feed_rate(self) -> float | None:
+        """Measure one worker's samples/s on the training set and warn when ``num_workers`` of them cannot feed a
+        device that trains at ``gpu_samples_per_s``. Returns the total samples/s per device (None: not checked)."""
+        check = self._on_gpu() if self.feed_check is None else self.feed_check
+        if not check or self.gpu_samples_per_s is None or self.train_dataset is None or len(self.train_dataset) == 0:
+            return None
+        self.feed_rate = measure_samples_per_s(self.train_dataset, seed=self.seed)
+        workers = self.num_workers
+        total = self.feed_rate * max(workers, 1)
+        if total < self.gpu_samples_per_s:
+            need = int(np.ceil(self.gpu_samples_per_s / self.feed_rate))
+            log.warning(
+                "data loading cannot feed the GPUs: %d workers x %.0f samples/s = %.0f samples/s per device, the model "
+                "trains at ~%.0f (data.gpu_samples_per_s). Give it >= %d workers per device (data.num_workers; %d CPUs "
+                "here for %d devices) or expect the GPUs to wait.",
+                workers,
+                self.feed_rate,
+                total,
+                self.gpu_samples_per_s,
+                need,
+                cpus_available(),
+                self._devices_per_node(),
+            )
+        else:
+            log.info(
+                "data loading: %d workers x %.0f samples/s per device (model: ~%.0f)",
+                workers,
+                self.feed_rate,
+                self.gpu_samples_per_s,
+            )
+        return total
 
     # ------------------------------------------------------------------ config helpers
     def _path(self, p: str | None) -> str | None:
@@ -312,14 +433,9 @@ class PoseDataModule(L.LightningDataModule):
         epoch = fit_loop_epoch(getattr(self, "trainer", None))
         if epoch:
             sampler.set_epoch(epoch)
-        return ResumableDataLoader(
-            self.train_dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers,
-            worker_init_fn=seed_worker,
-        )
+        if self.feed_rate is None:
+            self.check_feed_rate()
+        return ResumableDataLoader(self.train_dataset, batch_sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_sets_info:
@@ -334,10 +450,7 @@ class PoseDataModule(L.LightningDataModule):
                     batch_size=self.val_batch_size,
                     shuffle=False,
                     sampler=sampler,
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin_memory and torch.cuda.is_available(),
-                    persistent_workers=self.persistent_workers,
-                    worker_init_fn=seed_worker,
+                    **self._loader_kwargs(),
                 )
             )
         return loaders

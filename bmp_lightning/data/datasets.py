@@ -154,7 +154,8 @@ class TopDownPoseDataset(Dataset):
         mask = None
         if self.use_mask and rec.has_mask:
             try:
-                mask = rec.mask(h, w)
+                # a region-first pipeline decodes only the pixels it reads
+                mask = rec.mask(h, w, lazy=bool(getattr(self.pipeline, "region_first", False)))
             except (TypeError, ValueError, KeyError) as err:  # BadSampleError is a ValueError too
                 raise BadSampleError(
                     f"{rec.where()}: cannot decode the segmentation: {err}", kind="segmentation unusable"

@@ -107,16 +107,19 @@ class PersonRecord:
         """``file, entry`` string for error messages."""
         return f"{self.ann_file or self.image_path}, image_id={self.image_id}, instance id={self.instance_id}"
 
-    def mask(self, height: int | None = None, width: int | None = None) -> np.ndarray | None:
-        """Decode the segmentation to an ``(H, W)`` uint8 0/1 mask (lazily: only when asked)."""
+    def mask(self, height: int | None = None, width: int | None = None, lazy: bool = False) -> Any:
+        """Decode the segmentation to an ``(H, W)`` uint8 0/1 mask (lazily: only when asked). ``lazy``: an
+        :class:`~bmp_lightning.data.masks.RleMask` that decodes only the pixel boxes read from it."""
         if not self.has_mask:
             return None
-        from bmp_lightning.data.masks import segmentation_to_mask
+        from bmp_lightning.data.masks import RleMask, segmentation_to_mask
 
         if height is None or width is None:
             if self.image_size is None:
                 raise BadSampleError(f"{self.where()}: image size unknown, cannot decode the mask")
             height, width = self.image_size
+        if lazy:
+            return RleMask(self.segmentation, height, width)
         return segmentation_to_mask(self.segmentation, height, width)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
+from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
 from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
 from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
 from bmp_lightning.utils.common import to_plain
@@ -82,10 +83,20 @@ class PoseLitModule(L.LightningModule):
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
         self.net_config: dict[str, Any] | None = None
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        # uint8 crops are normalised here, on the device (MMPose's data preprocessor): 4x fewer bytes through the
+        # DataLoader. Not persistent: checkpoints carry no new keys, old ones load unchanged.
+        self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, img: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` uint8 RGB crops -> ``(x - mean) / std`` float32; float input is taken as normalised."""
+        if img.is_floating_point():
+            return img
+        return (img.float() - self.pixel_mean) / self.pixel_std
 
     # ------------------------------------------------------------------ forward
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.net(img)
+        return self.net(self.normalize(img))
 
     @property
     def num_keypoints(self) -> int:
@@ -98,6 +109,7 @@ class PoseLitModule(L.LightningModule):
     def predict_heatmaps(self, img: torch.Tensor, flip_test: bool | None = None) -> torch.Tensor:
         """Heatmaps, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no shift)."""
         flip_test = self.hparams.flip_test if flip_test is None else flip_test
+        img = self.normalize(img)
         if not flip_test:
             return self.net(img)
         both = self.net(torch.cat([img, img.flip(-1)], 0))
@@ -116,7 +128,7 @@ class PoseLitModule(L.LightningModule):
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         self.nonfinite.before_forward(self)
-        heatmaps = self.net(batch["img"])
+        heatmaps = self.net(self.normalize(batch["img"]))
         loss = keypoint_mse_loss(heatmaps, batch["heatmaps"], batch["keypoint_weights"])
         if not self.nonfinite.check(self, loss):
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=heatmaps.shape[0])

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +28,14 @@ def _timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
     return best
 
 
-def bench_data(n_samples: int = 200) -> None:
-    from bmp_lightning.data.codec import UDPHeatmap
+# MMPose 1.3.2 with its ViTPose-B config on the same 12 people, single process (issue 10's side-by-side figures)
+MMPOSE_SAMPLES_PER_S = {"train": 217.0, "val": 345.0}
+PIPELINES = [("train", "ViTPose"), ("train", "MaskPose"), ("val", "ViTPose"), ("val", "MaskPose")]
+
+
+def pose_dataset(split: str, model: str, reference: bool = False):
+    """The dataset a PoseDataModule builds for ``split``/``model`` on the 12 people of the shared COCO sample: the
+    paper recipe (no photometric augmentation, as MMPose's config), uint8 crops (normalised on the device)."""
     from bmp_lightning.data.datasets import TopDownPoseDataset
     from bmp_lightning.data.readers import read_coco_keypoints
     from bmp_lightning.data.transforms import build_pose_pipeline
@@ -37,23 +44,142 @@ def bench_data(n_samples: int = 200) -> None:
     if not coco.is_dir():
         raise SystemExit(f"bench-data needs the shared sample data ({SHARED.name}/data/coco beside the project)")
     records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
-    pipeline = build_pose_pipeline(train=True, use_mask=True)
-    ds = TopDownPoseDataset(records, pipeline)
-    ds[0]
+    use_mask = model == "MaskPose"
+    pipeline = build_pose_pipeline(train=split == "train", use_mask=use_mask, photometric=False, roi=not reference)
+    return TopDownPoseDataset(records, pipeline, normalize=False, use_mask=use_mask)
+
+
+def samples_per_s(ds, epochs: int = 20, repeats: int = 7) -> tuple[float, float]:
+    """The issue's protocol: ``dataset[i]`` over ``epochs`` epochs (images read from disk every time), median of
+    ``repeats`` after one warm-up, in this process. Returns (samples per wall second, samples per CPU second of this
+    process); the second is what one core delivers even when other jobs share the machine."""
+    import statistics
+
+    def run() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        for epoch in range(epochs):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                ds[i]
+        n = epochs * len(ds)
+        return n / (time.perf_counter() - t), n / max(time.process_time() - c, 1e-9)
+
+    run()
+    rates = [run() for _ in range(repeats)]
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+
+
+def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
+    """CPU ms per sample of each step of ``ds[i]`` (timed by wrapping the steps; the rest is the dataset's glue).
+    CPU time of this process, so other jobs on the machine do not inflate the figures."""
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import bmp_lightning.data.datasets as datasets
+    import bmp_lightning.data.records as records
+    import bmp_lightning.data.transforms as transforms
+
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.process_time() - t
+
+        return wrapper
+
+    steps = [
+        (datasets, "read_image", "JPEG read + decode (cv2.imread)"),
+        (records.PersonRecord, "mask", "mask: RLE runs parsed (decoded lazily, by box)"),
+        (transforms, "transform_streams", "per-transform random streams"),
+        (transforms.MaskBackground, "apply_region", "MaskBackground on the region (incl. perturbation)"),
+        (transforms, "perturb_mask_region", "  of which mask perturbation"),
+        (transforms, "warp_region", "warp (region-first, incl. flip copy)"),
+        (transforms.cv2, "warpAffine", "  cv2.warpAffine (all warps)"),
+        (transforms.GenerateTarget, "__call__", "heatmap encoding"),
+    ]
+    with ExitStack() as stack:
+        for owner, attr, label in steps:
+            stack.enter_context(mock.patch.object(owner, attr, timed(label, getattr(owner, attr))))
+        t = time.process_time()
+        n = 0
+        for epoch in range(epochs):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                ds[i]
+                n += 1
+        total = time.process_time() - t
+    out = [("total", 1e3 * total / n)]
+    out += [(label, 1e3 * totals.get(label, 0.0) / n) for _, _, label in steps]
+    return out
+
+
+def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
+    """PoseEstimator crop preparation for ``n_boxes`` masked people on one image: ms per image region-first and in
+    the full-image order (MaskBackground over the whole image per person, then the warp)."""
+    from bmp_lightning.data.transforms import Compose
+    from bmp_lightning.models.components.pose_net import vitpose_tiny
+    from bmp_lightning.pose import PoseEstimator
+    from bmp_lightning.utils.bench_pose import sample_scene
+
+    img, boxes, masks, _ = sample_scene(n_boxes)
+    est = PoseEstimator(vitpose_tiny(num_keypoints=21, img_size=(256, 192)), use_mask=True, flip_test=False)
+    full = Compose([est._center_scale, est._mask_bg, est._affine])
+    zeros = {"keypoints": np.zeros((1, 2), np.float32), "keypoints_visible": np.zeros(1, np.float32)}
+
+    def full_order():
+        for box, mask in zip(boxes, masks, strict=True):
+            full({"img": img, "bbox": box, "mask": mask, **zeros}, np.random.default_rng(0))
+
+    region = _timeit(lambda: est._crops(img, boxes, list(masks)), repeats=7)
+    reference = _timeit(full_order, repeats=7)
+    return 1e3 * region, 1e3 * reference
+
+
+def bench_data() -> None:
+    import cv2
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as inside a DataLoader worker
-    t = time.perf_counter()
-    for i in range(n_samples):
-        ds[i % len(ds)]
-    dt = time.perf_counter() - t
-    print(f"MaskPose train pipeline (real COCO samples, 1 worker): {n_samples / dt:.1f} samples/s")
+    cv2.setNumThreads(1)
+    epochs = int(os.environ.get("BENCH_EPOCHS", "20"))
+    repeats = int(os.environ.get("BENCH_REPEATS", "7"))
+    reference = os.environ.get("BENCH_REFERENCE", "0") == "1"
+    print(
+        f"Data pipelines, 1 process: 12 COCO people (../shared/data/coco), images read every sample, {epochs} epochs,"
+    )
+    print(f"median of {repeats} after a warm-up; uint8 crops (normalised on the device); goal 1.5x MMPose (issue 10:")
+    print("MMPose 1.3.2, ViTPose-B config, same protocol on an idle machine). Per CPU-second: the rate of one core")
+    print("even when other jobs share the machine (wall-clock samples/s drop with the load, CPU-time rates hardly).")
+    for split, model in PIPELINES:
+        rate, cpu_rate = samples_per_s(pose_dataset(split, model), epochs, repeats)
+        mm = MMPOSE_SAMPLES_PER_S[split]
+        line = (
+            f"  {split:5s} {model:8s} {rate:7.1f} samples/s, {cpu_rate:7.1f} per CPU-second"
+            f"  ({cpu_rate / mm:.2f}x MMPose {mm:.0f} per CPU-second, goal {1.5 * mm:.0f})"
+        )
+        if reference:
+            ref, ref_cpu = samples_per_s(pose_dataset(split, model, reference=True), epochs, repeats)
+            line += f"  full-image reference order: {ref:.1f}, {ref_cpu:.1f} per CPU-second"
+        print(line, flush=True)
+    print("Profile of one MaskPose train sample (CPU ms):")
+    for label, ms in profile_sample(pose_dataset("train", "MaskPose"), epochs=max(epochs // 2, 1)):
+        print(f"  {label:52s} {ms:6.2f}")
+    region, full = bench_pose_crops(16)
+    print(f"PoseEstimator crops, 16 masked people on one image: {region:.1f} ms region-first, {full:.1f} ms full-image")
 
     torch.set_num_threads(threads)
+    from bmp_lightning.data.codec import UDPHeatmap
+
     codec = UDPHeatmap()
-    hm = torch.rand(1024, 21, 64, 48)
+    n = int(os.environ.get("BENCH_DECODER_N", "1024"))
+    hm = torch.rand(n, 21, 64, 48)
     sec = _timeit(lambda: codec.decode(hm))
     threads = torch.get_num_threads()
-    print(f"DARK-UDP decoder, batch of 1024x21 heatmaps (CPU, {threads} threads): {1024 / sec:.0f} instances/s")
+    print(f"DARK-UDP decoder, batch of {n}x21 heatmaps (CPU, {threads} threads): {n / sec:.0f} instances/s")
 
 
 def main() -> None:

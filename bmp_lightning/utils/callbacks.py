@@ -149,7 +149,10 @@ class PoseVisualizer(Callback):
         center = batch["bbox_center"][:n].cpu().numpy()
         scale = batch["bbox_scale"][:n].cpu().numpy()
         gt = batch["keypoints_gt"][:n].cpu().numpy()
-        crops = np.stack([denormalize(x, IMAGE_MEAN, IMAGE_STD) for x in img.float().cpu().numpy()])
+        if img.is_floating_point():
+            crops = np.stack([denormalize(x, IMAGE_MEAN, IMAGE_STD) for x in img.float().cpu().numpy()])
+        else:  # uint8 crops (normalised on the device by the module)
+            crops = img.permute(0, 2, 3, 1).cpu().numpy()
         self._panels.append(
             {
                 "crops": crops,

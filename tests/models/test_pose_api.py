@@ -91,3 +91,41 @@ def test_empty_and_bad_input():
     assert k.shape == (0, 1, 2) and s.shape == (0, 1)
     with pytest.raises(ValueError, match="RGB uint8"):
         est(np.zeros((50, 50), np.uint8), np.zeros((1, 4)))
+
+
+def test_region_first_crops_equal_the_full_image_order_for_a_crowd():
+    """16 masked people on one image: the region-first crops are bit-identical to upstream's full-image order
+    (MaskBackground over the whole image, then the warp), people cut by the border and overlapping boxes included."""
+    import cv2
+
+    from bmp_lightning.data.transforms import Compose, GetBBoxCenterScale, MaskBackground, TopdownAffine
+
+    rng = np.random.default_rng(0)
+    h, w = 360, 480
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    boxes, masks = [], []
+    for i in range(16):
+        cx, cy = rng.uniform(-20, w + 20), rng.uniform(-20, h + 20)
+        bw, bh = rng.uniform(20, 200), rng.uniform(40, 300)
+        boxes.append([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2])
+        m = np.zeros((h, w), np.uint8)
+        cv2.ellipse(m, (int(cx), int(cy)), (int(bw / 2), int(bh / 2)), float(rng.uniform(0, 90)), 0, 360, 1, -1)
+        masks.append(m if i != 3 else np.zeros((h, w), np.uint8))  # an empty mask: the image as is
+    boxes = np.array(boxes, np.float32)
+    est = PoseEstimator(vitpose_tiny(num_keypoints=21, img_size=(256, 192)), use_mask=True, flip_test=False)
+    crops, centers, scales = est._crops(img, boxes, masks)
+    reference = Compose([GetBBoxCenterScale(1.25), MaskBackground(0.2, continue_on_failure=True), TopdownAffine()])
+    for i, (box, mask) in enumerate(zip(boxes, masks, strict=True)):
+        sample = {"img": img, "bbox": box, "mask": mask if mask.any() else None}
+        sample.update(keypoints=np.zeros((1, 2), np.float32), keypoints_visible=np.zeros(1, np.float32))
+        ref = reference(sample, np.random.default_rng(0))
+        np.testing.assert_array_equal(crops[i], ref["img"], err_msg=f"person {i}")
+        np.testing.assert_array_equal(centers[i], ref["bbox_center"])
+        np.testing.assert_array_equal(scales[i], ref["bbox_scale"])
+    assert (crops[0] != cv2.warpAffine(img, get_warp(centers[0], scales[0]), (192, 256))).any()  # masking happened
+
+
+def get_warp(center, scale):
+    from bmp_lightning.data.crop import get_udp_warp_matrix
+
+    return get_udp_warp_matrix(center, scale, 0.0, (192, 256))
