@@ -98,7 +98,8 @@ class PoisonSteps(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._before = [p.detach().clone() for p in pl_module.parameters()]
         if trainer.global_step in self.steps:
-            batch["img"].fill_(float("nan"))
+            # crops may arrive as uint8 (normalised on the device); a float NaN image stands in for a poisoned batch
+            batch["img"] = torch.full(batch["img"].shape, float("nan"), device=batch["img"].device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1

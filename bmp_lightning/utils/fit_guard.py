@@ -148,7 +148,9 @@ class NonFiniteGuard:
 
     def check(self, module: Any, loss: torch.Tensor) -> bool:
         bad = not bool(torch.isfinite(loss.detach()).all())
-        trainer = module.trainer
+        trainer = module._trainer  # None when a step is called by hand (notebooks, tests): nothing to guard then
+        if trainer is None:
+            return False
         bad = bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
         if not bad:
             return False
