@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
+# Meta's sam2 (the [sam-oracle] test extra) builds no CUDA op: a plain CPU install, no compiler run
+export SAM2_BUILD_CUDA := 0
 
 .DEFAULT_GOAL := help
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	# exact torch/torchvision pair first: never let pip resolve torch freely (see README, "Install")
 	$(PIP) install -c $(CONSTRAINTS) torch torchvision
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep,sam-oracle]"
 	$(PY) -m bmp_lightning.utils.check_env
 	touch $@
 
