@@ -13,6 +13,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import (
     atomic_write_json,
     instantiate_dict,
@@ -26,6 +27,7 @@ log = logging.getLogger("bmp_lightning.eval")
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    preflight(cfg)  # every missing input at once, before any logger or DDP process
     if cfg.get("ckpt_path") is None and not cfg.model.get("init_weights"):
         log.warning("neither ckpt_path nor model.init_weights given: evaluating a randomly initialised model")
     set_torch_threads(cfg.get("torch_threads"))

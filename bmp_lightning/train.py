@@ -9,6 +9,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import (
     atomic_write_json,
     instantiate_dict,
@@ -24,6 +25,7 @@ log = logging.getLogger("bmp_lightning.train")
 
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    preflight(cfg)  # every missing input at once, before any logger, W&B run or DDP process
     set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
