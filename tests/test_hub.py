@@ -106,3 +106,12 @@ def test_names_load_from_the_cache_everywhere(hub_cache, tmp_path: Path):
     cfg = OmegaConf.create({"task_name": "bmp", "detector": "rtmdet-l-bmp", "pose": "maskpose-b", "sam": "none"})
     reqs = collect_requirements(cfg)
     assert [(r.key, r.found) for r in reqs] == [("detector", True), ("pose", True)]
+
+
+def test_convert_takes_a_name_and_explains_a_repo_id(hub_cache, capsys):
+    from bmp_lightning import convert
+
+    with pytest.raises(SystemExit, match=r"src=vrg-prague/BBoxMaskPose: not a file.*src=<vitpose-b-multi, maskpose-b"):
+        convert.main(["src=vrg-prague/BBoxMaskPose"])
+    with pytest.raises(SystemExit, match="hf download vrg-prague/BBoxMaskPose MaskPose-b.pth --local-dir weights"):
+        convert.main(["src=maskpose-b"])  # offline, not cached: the one clear message

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SAM2 = "facebook/sam2.1-hiera-base-plus"
+# what BBoxMaskPose runs: Meta's SAM 2.1 Hiera-B+ checkpoint (sam2.1_hiera_base_plus.pt), by name (interop/hub.py)
+DEFAULT_SAM2 = "sam2.1-b+"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -106,11 +107,24 @@ class Sam2Segmenter:
                 command that downloads it.
             RuntimeError: a transformers-format model cannot be loaded.
         """
-        from bmp_lightning.interop.hub import WeightsUnavailableError, hub_weights, resolve_weights
+        from bmp_lightning.interop.hub import (
+            WeightsUnavailableError,
+            cached_path,
+            hub_weights,
+            resolve_weights,
+            unavailable_message,
+        )
 
         _import_sam2()
         w = hub_weights(name)
-        path = resolve_weights(name, key="sam", kind="sam") if w is not None else os.fspath(name)
+        if w is not None and local_files_only:
+            path = cached_path(w)
+            if path is None:
+                raise WeightsUnavailableError(unavailable_message(w, "not in the Hugging Face cache", "sam"))
+        elif w is not None:
+            path = resolve_weights(name, key="sam", kind="sam")
+        else:
+            path = os.fspath(name)
         if os.path.isfile(path):
             from bmp_lightning.interop.sam2_meta import load_meta_sam2
 
