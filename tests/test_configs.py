@@ -151,3 +151,31 @@ def test_bmp_job_experiments_compose_with_bmp_yaml(experiment: str, tmp_path: Pa
         overrides = [f"+experiment={experiment}", f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}"]
         cfg = compose("bmp.yaml", overrides=overrides)
     assert cfg.task_name == "bmp" and cfg.loop.num_iters >= 2
+
+
+def test_detector_recipes_card_10e_and_config_300e(tmp_path: Path):
+    """experiment=rtmdet_l_maskout: the released model's 10-epoch fine-tune (model card) with the 300-epoch config's
+    schedule scaled to it; rtmdet_l_maskout_300e: the upstream config file. The first derives from the second."""
+    import hydra
+
+    from bmp_lightning.models.instseg_module import rtmdet_lr_factor
+
+    card, conf = _compose("rtmdet_l_maskout", tmp_path), _compose("rtmdet_l_maskout_300e", tmp_path)
+    for cfg, epochs, warmup, cos_begin, switch, val_every in ((card, 10, 33, 5, 9, 1), (conf, 300, 1000, 150, 280, 10)):
+        m, t, cb = cfg.model, cfg.trainer, cfg.callbacks
+        assert (t.max_epochs, m.warmup_iters, m.cosine_begin_epoch) == (epochs, warmup, cos_begin)
+        assert cb.instseg_pipeline_switch.switch_epoch == switch == cb.val_interval_switch.switch_epoch
+        assert t.check_val_every_n_epoch == val_every and cfg.data.batch_size == 16 and m.lr == 0.002
+        assert cfg.data.remove_prob == 0.5 and m.num_classes == 1 and t.sync_batchnorm is True
+    assert card.experiment_name == "rtmdet_l_maskout" and conf.experiment_name == "rtmdet_l_maskout_300e"
+    # the card's lr is one override away
+    assert _compose("rtmdet_l_maskout", tmp_path, extra=("model.lr=0.02",)).model.lr == 0.02
+    # the scaled schedule: warm-up done after 33 steps, flat to epoch 5, cosine down to 5 % at epoch 10
+    spe = 1000
+    kw = dict(steps_per_epoch=spe, max_epochs=10, warmup_iters=33, cosine_begin_epoch=5)
+    assert rtmdet_lr_factor(0, **kw) == pytest.approx(1e-5)
+    assert rtmdet_lr_factor(33, **kw) == rtmdet_lr_factor(5 * spe, **kw) == 1.0
+    assert rtmdet_lr_factor(int(7.5 * spe), **kw) == pytest.approx(0.525)
+    assert rtmdet_lr_factor(10 * spe, **kw) == pytest.approx(0.05)
+    switch = hydra.utils.instantiate(card.callbacks.instseg_pipeline_switch)
+    assert switch.switch_epoch == 9
