@@ -5,6 +5,10 @@ as float in [0, 1], resized to the model resolution (1024, no aspect preservatio
 scaled by ``resolution / (W, H)``; one mask per prompt set (single-mask token with SAM 2's dynamic stability fallback);
 the 256x256 mask logits optionally cleaned (holes / sprinkles), bilinearly resized to the original image and
 thresholded at 0. transformers is the optional ``[sam]`` extra and is imported lazily.
+
+Meta's post-processing (holes / sprinkles) calls its CUDA extension; on a CPU install Meta's predictor warns and
+skips it. :func:`clean_mask_logits` does the same computation with OpenCV on any device (tested equal to Meta's
+logic in ``tests/loop/test_sam2_meta.py``).
 """
 
 from __future__ import annotations
