@@ -20,7 +20,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q --upgrade pip
 	# exact torch/torchvision pair first: never let pip resolve torch freely (see README, "Install")
 	$(PIP) install -c $(CONSTRAINTS) torch torchvision
-	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep,sam-oracle]"
+	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep]"
+	# the [sam-oracle] test extra (Meta's SAM 2 code): its sdist declares torch as a build requirement, so build it
+	# against the torch installed above (no isolated build env downloading another torch); SAM2_BUILD_CUDA=0: no compiler
+	$(PIP) install -c $(CONSTRAINTS) setuptools
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation "sam2>=1.1"
 	$(PY) -m bmp_lightning.utils.check_env
 	touch $@
 

@@ -1,5 +1,8 @@
 """Our SAM 2 (Meta's checkpoint mapped onto transformers' Sam2Model) against Meta's own ``SAM2ImagePredictor``.
 
+The oracle is Meta's code as the PyPI package ``sam2`` 1.1.0 ships it (a third-party packaging of
+facebookresearch/sam2 with the SAM 2.1 configs; the ``sam-oracle`` extra).
+
 Both load the same randomly initialised Hiera-tiny SAM 2.1 (Meta's ``{"model": state_dict}`` file), see the same
 RGB image and the same keypoint prompts (6 positive points per person, single-mask output, as BBoxMaskPose) and
 must give the same masks (mean IoU >= 0.98) and predicted IoU scores (within 1e-3); then again with the mask
@@ -20,7 +23,8 @@ import torch
 
 pytest.importorskip("transformers")
 sam2 = pytest.importorskip(
-    "sam2", reason="Meta's sam2 is the test-only oracle: SAM2_BUILD_CUDA=0 pip install -e '.[sam-oracle]'"
+    "sam2",
+    reason="Meta's sam2 is the test-only oracle: SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1'",
 )
 
 from bmp_lightning.interop.sam2_meta import convert_meta_sam2, infer_hiera_size  # noqa: E402
