@@ -16,16 +16,19 @@ that Meta's own post-processing logic runs.
 
 from __future__ import annotations
 
+import importlib.util
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-sam2 = pytest.importorskip(
-    "sam2",
-    reason="Meta's sam2 is the test-only oracle: SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1'",
-)
+if importlib.util.find_spec("sam2") is None:  # not imported here: `import sam2` initialises Hydra's global state
+    pytest.skip(
+        "Meta's sam2 is the test-only oracle: SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2>=1.1'",
+        allow_module_level=True,
+    )
 
 from bmp_lightning.interop.sam2_meta import convert_meta_sam2, infer_hiera_size  # noqa: E402
 from bmp_lightning.loop.segmenter import Sam2Segmenter  # noqa: E402
@@ -50,10 +53,20 @@ def _cpu_connected_components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @pytest.fixture(scope="module")
 def meta_model():
+    """Meta's SAM 2.1 Hiera-tiny at random init. ``import sam2`` initialises Hydra's global state with its own
+    configs (which ``build_sam2`` composes); it is cleared again so that the project's Hydra tests are unaffected."""
+    import sam2  # noqa: F401
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from sam2.build_sam import build_sam2
 
-    torch.manual_seed(0)
-    return build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
+    if not GlobalHydra.instance().is_initialized():  # sam2 imported (and cleared) earlier in this process
+        initialize_config_module("sam2", version_base="1.2")
+    try:
+        torch.manual_seed(0)
+        return build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu", mode="eval")
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="module")
