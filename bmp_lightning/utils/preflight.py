@@ -238,7 +238,15 @@ def collect_requirements(cfg: DictConfig, fetch: bool = False) -> list[Requireme
             images = _join(root, str(sibling)) if sibling else None
             reqs.append(Requirement(key, spec.kind, path, found, _source_for(path, root and str(root), images)))
     reqs += _extra_requirements(cfg, task)
-    return reqs
+    # one source's files together (data.train_sources.1.ann_file next to data.train_sources.1.img_dir)
+    group = {}
+    for r in reqs:
+        group.setdefault(_group(r.key), len(group))
+    return sorted(reqs, key=lambda r: group[_group(r.key)])
+
+
+def _group(key: str) -> str:
+    return key.rsplit(".", 1)[0] if re.search(r"\.\d+\.", key) else key
 
 
 def _extra_requirements(cfg: DictConfig, task: str) -> list[Requirement]:
