@@ -132,3 +132,16 @@ def test_vitpose_b_offline_stops_on_the_missing_mae_weights(tmp_path: Path, caps
     assert "timm/vit_base_patch16_224.mae" in row and "model.allow_random_init=true" in row
     doctor.main([*args, "model.allow_random_init=true"])
     assert "model.init_weights" not in capsys.readouterr().out  # opted in: not an input any more
+
+
+def test_bmp_and_eval_jobs_stop_with_the_table(offline_env, tmp_path: Path):
+    logs = tmp_path / "logs"
+    bmp = _run(["-m", "bmp_lightning.bmp", "data=ochuman_val", "detector=rtmdet-l-bmp", "pose=maskpose-b",
+                f"paths.log_dir={logs}"], offline_env, ROOT)  # fmt: skip
+    assert bmp.returncode == 1 and "Traceback" not in bmp.stderr
+    for item in ("rtmdet-ins-l-mask.pth", "MaskPose-b.pth", "sam2.1_hiera_base_plus.pt", "ochuman/images"):
+        assert item in bmp.stderr, item
+    ev = _run(["-m", "bmp_lightning.eval", "experiment=eval_maskpose_b_official", "trainer=cpu",
+               f"paths.log_dir={logs}"], offline_env, ROOT)  # fmt: skip
+    assert ev.returncode == 1 and "MaskPose-b.pth" in ev.stderr and "Traceback" not in ev.stderr
+    assert [p for p in logs.rglob("*") if p.is_file()] == []
