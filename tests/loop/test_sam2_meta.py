@@ -142,3 +142,29 @@ def test_same_masks_with_bmp_postprocessing(meta_model, meta_file, scene, monkey
     assert mean_iou >= 0.98, mean_iou
     assert score_diff <= 1e-3, score_diff
     assert (raw != masks).any()  # the post-processing changed these masks, so the comparison covers it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", ["s", "b+", "l"])
+def test_every_meta_size_maps_and_matches(size, scene, tmp_path):
+    """The other three SAM 2.1 sizes (b+ is what BMP runs): the size is read off the weights, every parameter is
+    filled, and the heads / global-attention blocks / window sizes not stored in the weights are right (same masks
+    and scores as Meta's predictor)."""
+    import sam2  # noqa: F401
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from sam2.build_sam import build_sam2
+
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_module("sam2", version_base="1.2")
+    try:
+        torch.manual_seed(0)
+        model = build_sam2(f"configs/sam2.1/sam2.1_hiera_{size}.yaml", ckpt_path=None, device="cpu", mode="eval")
+    finally:
+        GlobalHydra.instance().clear()
+    expected = {"s": "small", "b+": "base_plus", "l": "large"}[size]
+    assert infer_hiera_size(model.state_dict()) == expected
+    path = tmp_path / f"sam2.1_hiera_{expected}.pt"
+    torch.save({"model": model.state_dict()}, path)
+    mean_iou, score_diff, _, _ = _compare(model, path, scene, 0.0, 0.0)
+    assert mean_iou >= 0.98 and score_diff <= 1e-3, (mean_iou, score_diff)
