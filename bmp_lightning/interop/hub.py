@@ -39,7 +39,10 @@ class HubWeights:
 
     @property
     def command(self) -> str:
-        """The one command that puts the file at :attr:`local_path` (``hf`` ships with huggingface_hub)."""
+        """The one command that puts the file at :attr:`local_path` (``hf`` ships with huggingface_hub); for ``mae``
+        into the Hugging Face cache, where timm reads it (a local copy is not a pose weights file)."""
+        if self.kind == "mae":
+            return f"hf download {self.repo} {self.filename}"
         return f"hf download {self.repo} {self.filename} --local-dir {WEIGHTS_DIR}"
 
     @property

@@ -181,7 +181,7 @@ def _weights_requirement(key: str, value: str, kind: str, cfg: DictConfig, fetch
                 where = download(w, key)
             except WeightsUnavailableError:
                 where = None
-        path = where or f"HF cache ({w.repo}/{w.filename}) or {w.local_path}"
+        path = where or f"HF cache ({w.repo}/{w.filename})" + ("" if w.kind == "mae" else f" or {w.local_path}")
         src = f"{w.source}: {w.command}"
         if w.kind == "mae":
             src += " (or model.allow_random_init=true to train from random weights)"
