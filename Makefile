@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
+# Meta's sam2 (the [sam-oracle] test extra) builds no CUDA op: a plain CPU install, no compiler run
+export SAM2_BUILD_CUDA := 0
 
 .DEFAULT_GOAL := help
 
@@ -19,6 +21,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	# exact torch/torchvision pair first: never let pip resolve torch freely (see README, "Install")
 	$(PIP) install -c $(CONSTRAINTS) torch torchvision
 	$(PIP) install -c $(CONSTRAINTS) -e ".[dev,sam,sweep]"
+	# the [sam-oracle] test extra (Meta's SAM 2 code): its sdist declares torch as a build requirement, so build it
+	# against the torch installed above (no isolated build env downloading another torch); SAM2_BUILD_CUDA=0: no compiler
+	$(PIP) install -c $(CONSTRAINTS) setuptools
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation "sam2>=1.1"
 	$(PY) -m bmp_lightning.utils.check_env
 	touch $@
 

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bmp_lightning.loop.evaluate import run_bmp_evaluation
+from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import metric_value, task_wrapper
 
 _DATA_OVERRIDE = re.compile(r"^([~+]{0,2})data=")
@@ -29,6 +30,7 @@ def alias_data_overrides(args: Sequence[str]) -> list[str]:
 
 @task_wrapper
 def evaluate_bmp(cfg: DictConfig) -> dict[str, float]:
+    preflight(cfg)  # every missing input at once, before any model or logger
     return run_bmp_evaluation(cfg)
 
 

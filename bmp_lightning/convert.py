@@ -1,8 +1,10 @@
 """Official MMPose / MMDetection weights -> this project's weights files.
 
-    python -m bmp_lightning.convert src=MaskPose-b.pth [out=weights/maskpose_b.pth] [kind=auto|pose|det]
+    python -m bmp_lightning.convert src=MaskPose-b.pth|maskpose-b [out=weights/maskpose_b.pth] [kind=auto|pose|det]
         [use_mask=auto|true|false] [num_classes=N] [num_heads=N] [strict=true|false] [allow_objects=false|true]
 
+- ``src`` is a file or a name of the published weights (``maskpose-b``, ``vitpose-b-multi``, ``rtmdet-l-bmp``:
+  fetched from ``vrg-prague/BBoxMaskPose`` with huggingface_hub; default ``out`` then ``weights/<file stem>_bmp.pth``).
 - kind ``auto`` reads the keys: MMPose ViTPose / MaskPose (``backbone.layers.*``, ``head.final_layer.*``; also the
   original ViTPose repo's ``keypoint_head.*``) -> ``pose``; MMDetection RTMDet-Ins (``bbox_head.rtm_cls.*``) -> ``det``.
 - The file is read with ``torch.load(weights_only=True)``: a file that pickles other Python objects is refused
@@ -186,7 +188,7 @@ def convert_checkpoint(
     """Convert an official MMPose ViTPose/MaskPose or MMDetection RTMDet-Ins ``.pth`` into our weights file.
 
     Args:
-        src: the downloaded checkpoint.
+        src: the downloaded checkpoint, or a name of :data:`~bmp_lightning.interop.hub.HUB_WEIGHTS`.
         out: output file (default ``<src stem>_bmp.pth`` beside ``src``); never ``src`` itself.
         kind: ``auto`` (from the keys), ``pose`` or ``det``.
         use_mask: pose only: store the model as a MaskPose (``None``: ``True`` when the file name contains *mask*).
@@ -199,7 +201,15 @@ def convert_checkpoint(
         UnsafeCheckpointError: the file references Python classes and ``allow_objects`` is False.
         ValueError: unknown kind, or key mismatches with ``strict``.
     """
-    src = Path(src)
+    from bmp_lightning.interop.hub import HUB_WEIGHTS, WEIGHTS_DIR, hub_weights, resolve_weights
+
+    named = hub_weights(src)
+    if named is None and not Path(src).exists() and "/" in str(src) and not str(src).endswith((".pth", ".pt")):
+        names = ", ".join(n for n, w in HUB_WEIGHTS.items() if w.kind in ("pose", "detector"))
+        raise FileNotFoundError(f"src={src}: not a file. Official weights are converted by name: src=<{names}>")
+    src = Path(resolve_weights(src, key="src"))
+    if out is None and named is not None:  # not beside the file in the Hugging Face cache
+        out = Path(WEIGHTS_DIR) / f"{src.stem}_bmp.pth"
     out = Path(out) if out else src.with_name(f"{src.stem}_bmp.pth")
     if out.resolve() == src.resolve():
         raise ValueError(f"out={out} would overwrite the source checkpoint")

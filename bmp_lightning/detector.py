@@ -1,6 +1,7 @@
 """RTMDet-Ins inference API: RGB images in, boxes / scores / labels / masks in original pixels out.
 
     det = Detector.from_checkpoint("rtmdet-ins_l_8xb32-300e_coco.pth")   # MMDetection, ours, or a Lightning .ckpt
+    det = Detector.from_pretrained("rtmdet-l-bmp")                        # BMP's detector by name (huggingface_hub)
     results = det(["a.jpg", rgb_array])                                   # one dict per image
 
 Test-time preprocessing follows MMDetection (docs/recipes.md#rtmdet-ins-l): keep-ratio resize to fit 640x640
@@ -148,6 +149,18 @@ class Detector:
         model.load_state_dict(sd, strict=True)
         log.info("loaded RTMDet-Ins (%d classes) from %s", cfg["num_classes"], path)
         return cls(model, device, score_thr, nms_iou, max_per_img, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str = "rtmdet-l-bmp", device: str | torch.device = "cpu", **kwargs: Any) -> Detector:
+        """Published weights by name (``rtmdet-l-bmp``: BBoxMaskPose's RTMDet-Ins-L from ``vrg-prague/BBoxMaskPose``,
+        downloaded with huggingface_hub and cached) or a local path; see :meth:`from_checkpoint`.
+
+        Raises:
+            WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
+        """
+        from bmp_lightning.interop.hub import resolve_weights
+
+        return cls.from_checkpoint(resolve_weights(name, key="detector", kind="detector"), device=device, **kwargs)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[float, float]]]:
         """RGB uint8 images -> ``(B, 3, S, S)`` normalised BGR batch and per-image ``(w_scale, h_scale)``."""

@@ -14,6 +14,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from bmp_lightning.utils.config_check import check_entry_config
+from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import (
     atomic_write_json,
     exit_on_user_error,
@@ -28,9 +29,8 @@ log = logging.getLogger("bmp_lightning.eval")
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    if cfg.get("ckpt_path") is None and not cfg.model.get("init_weights"):
-        log.warning("neither ckpt_path nor model.init_weights given: evaluating a randomly initialised model")
     check_entry_config(cfg)  # a wrongly typed value: one error naming the key, before anything is built
+    preflight(cfg)  # every missing input at once, before any logger or DDP process
     set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

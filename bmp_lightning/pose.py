@@ -2,6 +2,7 @@
 
 from bmp_lightning import PoseEstimator
 pose = PoseEstimator.from_checkpoint("MaskPose-b.pth", device="cuda")
+pose = PoseEstimator.from_pretrained("maskpose-b", device="cuda")   # by name, from vrg-prague/BBoxMaskPose (cached)
 keypoints, scores = pose(image, bboxes, masks)      # (N,K,2) image pixels, (N,K)
 """
 
@@ -94,6 +95,21 @@ class PoseEstimator:
         if use_mask is None:
             use_mask = "mask" in Path(path).name.lower()
         return cls(net, use_mask=bool(use_mask), device=device, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str = "maskpose-b", device: str | torch.device = "cpu", **kwargs) -> PoseEstimator:
+        """Published weights by name: ``maskpose-b`` (MaskPose-B) or ``vitpose-b-multi`` (ViTPose-B multi-dataset)
+        from ``vrg-prague/BBoxMaskPose``, downloaded with huggingface_hub and cached; a local path works too.
+
+        Raises:
+            WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
+        """
+        from bmp_lightning.interop.hub import hub_weights, resolve_weights
+
+        w = hub_weights(name)
+        if w is not None and w.kind == "pose":
+            kwargs.setdefault("use_mask", w.name.startswith("maskpose"))
+        return cls.from_checkpoint(resolve_weights(name, key="pose", kind="pose"), device=device, **kwargs)
 
     def _crops(
         self, image: np.ndarray, bboxes: np.ndarray, masks: list[np.ndarray | None] | None

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bmp_lightning.utils.checkpoint_io import remove_stale_tmp_files
 from bmp_lightning.utils.config_check import check_entry_config
+from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import (
     atomic_write_json,
     exit_on_user_error,
@@ -31,6 +32,7 @@ log = logging.getLogger("bmp_lightning.train")
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_entry_config(cfg)  # a wrongly typed value: one error naming the key, before anything is built
+    preflight(cfg)  # every missing input at once, before any logger, W&B run or DDP process
     set_torch_threads(cfg.get("torch_threads"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

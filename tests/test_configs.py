@@ -72,7 +72,7 @@ def test_paper_recipe(experiment: str, tmp_path: Path, cfg_train):
     if experiment == "vitpose_b":
         assert m.init_weights == "mae" and m.use_mask is False and d.use_mask is False
     else:
-        assert m.init_weights == str(tmp_path / "weights" / "ViTPose-b-multi_mmpose20.pth")
+        assert m.init_weights == "vitpose-b-multi"  # by name: vrg-prague/BBoxMaskPose (interop/hub.py)
         assert m.use_mask is True and d.use_mask is True and d.mask_perturb is True and d.mask_alpha == 0.2
     # the composed data module gets the batch composition from the sampler
     import hydra
@@ -117,7 +117,9 @@ def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_p
         pytest.skip(f"{experiment} not in conf/experiment")
     cfg = _experiment(cfg_eval, experiment, tmp_path)
     OmegaConf.resolve(cfg)
-    assert cfg.ckpt_path is None and cfg.model.init_weights.startswith(str(tmp_path / "weights"))
+    assert cfg.ckpt_path is None and cfg.model.init_weights == (
+        "maskpose-b" if "maskpose" in experiment else "vitpose-b-multi"
+    )
     assert cfg.model.use_mask == cfg.data.use_mask == ("maskpose" in experiment)
     assert [v.name for v in cfg.data.val_sets] == ["coco", "ochuman"]
 
@@ -126,3 +128,35 @@ def test_official_eval_experiments_compose_with_eval_yaml(experiment: str, tmp_p
 def test_bmp_job_experiments_compose_with_bmp_yaml(experiment: str, tmp_path: Path, cfg_bmp):
     cfg = cfg_bmp(f"+experiment={experiment}", f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}")
     assert cfg.task_name == "bmp" and cfg.loop.num_iters >= 2
+
+
+def test_detector_recipes_card_10e_and_config_300e(tmp_path: Path, cfg_train):
+    """experiment=rtmdet_l_maskout: the released model's 10-epoch fine-tune (model card) with the 300-epoch config's
+    schedule scaled to it; rtmdet_l_maskout_300e: the upstream config file. The first derives from the second."""
+    import hydra
+
+    from bmp_lightning.models.instseg_module import rtmdet_lr_factor
+
+    card, conf = (
+        _experiment(cfg_train, "rtmdet_l_maskout", tmp_path),
+        _experiment(cfg_train, "rtmdet_l_maskout_300e", tmp_path),
+    )
+    for cfg, epochs, warmup, cos_begin, switch, val_every in ((card, 10, 33, 5, 9, 1), (conf, 300, 1000, 150, 280, 10)):
+        m, t, cb = cfg.model, cfg.trainer, cfg.callbacks
+        assert (t.max_epochs, m.warmup_iters, m.cosine_begin_epoch) == (epochs, warmup, cos_begin)
+        assert cb.instseg_pipeline_switch.switch_epoch == switch == cb.val_interval_switch.switch_epoch
+        assert t.check_val_every_n_epoch == val_every and cfg.data.batch_size == 16 and m.lr == 0.002
+        assert cfg.data.remove_prob == 0.5 and m.num_classes == 1 and t.sync_batchnorm is True
+    assert card.experiment_name == "rtmdet_l_maskout" and conf.experiment_name == "rtmdet_l_maskout_300e"
+    # the card's lr is one override away
+    lr_card = cfg_train("experiment=rtmdet_l_maskout", f"paths.root_dir={tmp_path}", "model.lr=0.02", out_dir=tmp_path)
+    assert lr_card.model.lr == 0.02
+    # the scaled schedule: warm-up done after 33 steps, flat to epoch 5, cosine down to 5 % at epoch 10
+    spe = 1000
+    kw = dict(steps_per_epoch=spe, max_epochs=10, warmup_iters=33, cosine_begin_epoch=5)
+    assert rtmdet_lr_factor(0, **kw) == pytest.approx(1e-5)
+    assert rtmdet_lr_factor(33, **kw) == rtmdet_lr_factor(5 * spe, **kw) == 1.0
+    assert rtmdet_lr_factor(int(7.5 * spe), **kw) == pytest.approx(0.525)
+    assert rtmdet_lr_factor(10 * spe, **kw) == pytest.approx(0.05)
+    switch = hydra.utils.instantiate(card.callbacks.instseg_pipeline_switch)
+    assert switch.switch_epoch == 9

@@ -14,7 +14,7 @@ CELL_TIMEOUT_S = 300
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, monkeypatch):
+def test_notebook_runs(path: Path, monkeypatch, tmp_path: Path):
     nbformat = pytest.importorskip("nbformat", reason="nbformat missing: pip install -e '.[dev]'")
     nbclient = pytest.importorskip("nbclient", reason="nbclient missing: pip install -e '.[dev]'")
     nb = nbformat.read(path, as_version=4)
@@ -25,6 +25,10 @@ def test_notebook_runs(path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # bmp_demo: on a fresh clone (no `make demo` models) tiny random networks, labelled as such in its output; its
+    # figures go to a temporary folder, never over the committed ones
+    monkeypatch.setenv("BMP_NOTEBOOK_ALLOW_TINY", "1")
+    monkeypatch.setenv("BMP_NOTEBOOK_FIGURES", str(tmp_path / "figures"))
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )

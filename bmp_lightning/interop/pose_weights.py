@@ -47,17 +47,24 @@ def read_pose_weights(
     return convert_mmpose_vitpose(obj), meta
 
 
-def load_pose_weights(net: nn.Module, path: str | os.PathLike, strict: bool = False) -> None:
-    """Initialise ``net`` from a weights file, or ``mae`` for timm's MAE ImageNet backbone (when reachable).
+def load_pose_weights(
+    net: nn.Module, path: str | os.PathLike, strict: bool = False, allow_random_init: bool = False
+) -> None:
+    """Initialise ``net`` from a weights file, a name (``vitpose-b-multi``, ``maskpose-b``: fetched from the hub and
+    cached), or ``mae`` for timm's MAE ImageNet backbone.
 
     Non-strict by default so a 17-keypoint head can initialise a 21-keypoint model: every missing, unexpected or
-    mismatched key is reported.
+    mismatched key is reported. ``allow_random_init``: MAE weights that cannot be fetched leave the random init
+    (with a warning) instead of stopping.
     """
     if str(path).lower() == "mae":
         from bmp_lightning.interop.timm_init import load_mae_init
 
-        load_mae_init(net.backbone)
+        load_mae_init(net.backbone, allow_random_init=allow_random_init)
         return
+    from bmp_lightning.interop.hub import resolve_weights
+
+    path = resolve_weights(path, key="model.init_weights", kind="pose")
     sd, _ = read_pose_weights(path)
     report = load_state_dict_report(net, sd, strict=strict, name=str(path))
     log.info("initialised pose network from %s (%s)", path, "all keys matched" if report.ok else "see report above")

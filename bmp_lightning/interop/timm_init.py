@@ -65,10 +65,19 @@ def mae_to_backbone_state(
     return out
 
 
-def load_mae_init(backbone: nn.Module, model_name: str = MAE_MODEL) -> bool:
-    """Initialise ``backbone`` (a ``ViTPoseBackbone``) from timm's MAE weights; False when they cannot be fetched.
+class MAEUnavailableError(RuntimeError):
+    """timm's MAE weights cannot be fetched (offline, hub unreachable, not cached)."""
 
-    The hub download is the only network access; any failure there logs one line and leaves the random init.
+
+def load_mae_init(backbone: nn.Module, model_name: str = MAE_MODEL, allow_random_init: bool = False) -> bool:
+    """Initialise ``backbone`` (a ``ViTPoseBackbone``) from timm's MAE weights.
+
+    The hub download is the only network access. When it fails the run stops (a paper run from random weights
+    would be silently meaningless) unless ``allow_random_init`` (``model.allow_random_init=true``): then one warning
+    and the random init, and the return value is False.
+
+    Raises:
+        MAEUnavailableError: the weights cannot be had and ``allow_random_init`` is False.
     """
     import timm
 
@@ -76,7 +85,15 @@ def load_mae_init(backbone: nn.Module, model_name: str = MAE_MODEL) -> bool:
         mae = timm.create_model(model_name, pretrained=True)
     except Exception as err:  # offline, hub unreachable, missing cache: all end the same way
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        log.warning("MAE init weights unavailable (offline?): training from random init [%s: %s]", model_name, reason)
+        if not allow_random_init:
+            raise MAEUnavailableError(
+                f"MAE init weights for the ViTPose backbone are unavailable ({model_name}: {reason}). They are "
+                f"timm's hub model timm/{model_name} (file model.safetensors); fetch them where there is network "
+                f"access with\n    hf download timm/{model_name} model.safetensors\nand copy the Hugging Face cache "
+                "($HF_HOME) here, or pass model.allow_random_init=true to train from random weights on purpose"
+            ) from None
+        log.warning("MAE init weights unavailable: training from RANDOM init (model.allow_random_init=true) "
+                    "[%s: %s]", model_name, reason)  # fmt: skip
         return False
     prefix = getattr(mae, "num_prefix_tokens", 1)
     state = mae_to_backbone_state(mae.state_dict(), backbone.grid_size, prefix)

@@ -218,6 +218,26 @@ class BMP:
                 "pass one or set loop.segmenter=none to keep the detector masks"
             )
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        detector: str = "rtmdet-l-bmp",
+        pose: str = "maskpose-b",
+        sam: str = "sam2.1-b+",
+        loop: str | LoopConfig | Mapping[str, Any] = "bmp_d3",
+        device: str = "cpu",
+    ) -> BMP:
+        """The paper's loop with the published weights by name: BMP's RTMDet-Ins-L and MaskPose-B
+        (``vrg-prague/BBoxMaskPose``) and Meta's SAM 2.1 Hiera-B+ (``facebook/sam2.1-hiera-base-plus``), fetched
+        with huggingface_hub and cached; any of them may be a local path instead.
+
+        Raises:
+            WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
+        """
+        from bmp_lightning.loop.build import build_bmp
+
+        return build_bmp(detector, pose, sam, loop=loop, device=device)
+
     # -- steps -------------------------------------------------------------------------------------------------
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Step 1: ``(bboxes (D, 4), scores (D,), masks (D, H, W) bool or None)`` of people, by descending score."""

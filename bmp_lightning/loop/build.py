@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from bmp_lightning.interop.hub import hub_weights, resolve_weights
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny_random"
@@ -117,7 +119,8 @@ def save_tiny_random_checkpoints(out_dir: str | os.PathLike, seed: int = 0) -> d
 
 # ---------------------------------------------------------------------------------------------- loaders
 def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
-    """A ``Detector`` from a checkpoint path (ours, Lightning ``.ckpt``, MMDetection ``.pth``), ``tiny_random``, or
+    """A ``Detector`` from a name (``rtmdet-l-bmp``), a checkpoint path (ours, Lightning ``.ckpt``, MMDetection
+    ``.pth``), ``tiny_random``, or
     an existing detector object (returned as is). ``opts`` go to ``Detector`` (``input_size``, ``num_classes``,
     ``score_thr``, ``nms_iou``, ``max_per_img``, ``batch_size``)."""
     from bmp_lightning.detector import Detector
@@ -135,13 +138,15 @@ def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         kw.setdefault("input_size", 320)
         return Detector(tiny_random_detector_model(int(kw.pop("seed", 0))), device=device, **kw)
     kw.pop("seed", None)
+    spec = resolve_weights(spec, key="detector", kind="detector")
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"detector checkpoint not found: {spec}")
+        raise FileNotFoundError(f"detector checkpoint not found: {spec} (or detector=rtmdet-l-bmp, by name)")
     return Detector.from_checkpoint(spec, device=device, **kw)
 
 
 def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
-    """A ``PoseEstimator`` from a checkpoint path (ours, Lightning ``.ckpt``, MMPose ``.pth``), ``tiny_random``, or
+    """A ``PoseEstimator`` from a name (``maskpose-b``, ``vitpose-b-multi``), a checkpoint path (ours, Lightning
+    ``.ckpt``, MMPose ``.pth``), ``tiny_random``, or
     an existing estimator (returned as is). ``opts`` go to ``PoseEstimator`` (``use_mask``, ``flip_test``,
     ``batch_size``, ``preset``)."""
     from bmp_lightning.pose import PoseEstimator
@@ -159,14 +164,19 @@ def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         use_mask = kw.pop("use_mask", True)
         return PoseEstimator(tiny_random_pose_net(int(kw.pop("seed", 0))), use_mask=use_mask, device=device, **kw)
     kw.pop("seed", None)
+    w = hub_weights(spec)
+    if w is not None and w.kind == "pose":
+        kw.setdefault("use_mask", w.name.startswith("maskpose"))
+    spec = resolve_weights(spec, key="pose", kind="pose")
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"pose checkpoint not found: {spec}")
+        raise FileNotFoundError(f"pose checkpoint not found: {spec} (or pose=maskpose-b, by name)")
     return PoseEstimator.from_checkpoint(spec, device=device, **kw)
 
 
 def load_segmenter(spec: Any, device: str | torch.device = "cpu", **opts: Any):
-    """A ``Sam2Segmenter`` from a Hugging Face name (hub or its cache), a local directory in transformers format,
-    or ``tiny_random``; ``None`` / ``none`` gives ``None`` (the loop then needs ``loop.segmenter=none``).
+    """A ``Sam2Segmenter`` from a name (``sam2.1-b+``: Meta's checkpoint), a Meta ``.pt`` file, a Hugging Face
+    repository or local directory in transformers format, or ``tiny_random``;
+    ``None`` / ``none`` gives ``None`` (the loop then needs ``loop.segmenter=none``).
 
     ``opts``: ``local_files_only`` (no network), ``resolution`` and ``seed`` for ``tiny_random``, and the
     ``Sam2Segmenter`` arguments (``antialias``, ``chunk``).

@@ -5,10 +5,15 @@ as float in [0, 1], resized to the model resolution (1024, no aspect preservatio
 scaled by ``resolution / (W, H)``; one mask per prompt set (single-mask token with SAM 2's dynamic stability fallback);
 the 256x256 mask logits optionally cleaned (holes / sprinkles), bilinearly resized to the original image and
 thresholded at 0. transformers is the optional ``[sam]`` extra and is imported lazily.
+
+Meta's post-processing (holes / sprinkles) calls its CUDA extension; on a CPU install Meta's predictor warns and
+skips it. :func:`clean_mask_logits` does the same computation with OpenCV on any device (tested equal to Meta's
+logic in ``tests/loop/test_sam2_meta.py``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SAM2 = "facebook/sam2.1-hiera-base-plus"
-OFFLINE_MESSAGE = "SAM 2.1 weights unavailable offline: pass loop.segmenter=none or a local path"
+# what BBoxMaskPose runs: Meta's SAM 2.1 Hiera-B+ checkpoint (sam2.1_hiera_base_plus.pt), by name (interop/hub.py)
+DEFAULT_SAM2 = "sam2.1-b+"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,14 +49,16 @@ def _small_components(binary: np.ndarray, max_area: float) -> np.ndarray:
 
 
 def clean_mask_logits(logits: np.ndarray, max_hole_area: float = 0.0, max_sprinkle_area: float = 0.0) -> np.ndarray:
-    """SAM 2's post-processing of low-res mask logits ``(N, h, w)``: background components (logit <= 0) of area
-    <= ``max_hole_area`` become +10, then foreground components of area <= ``max_sprinkle_area`` become -10."""
+    """SAM 2's post-processing of low-res mask logits ``(N, h, w)`` (``SAM2Transforms.postprocess_masks``):
+    background components (logit <= 0) of area <= ``max_hole_area`` become +10, then foreground components of
+    area <= ``max_sprinkle_area`` become -10. Both sets of components are those of the *input* logits, as in
+    Meta's code (a small blob around a filled hole is removed, the filled hole itself stays); 8-connectivity."""
     out = np.array(logits, dtype=np.float32, copy=True)
-    for m in out:
+    for i, m in enumerate(np.asarray(logits, dtype=np.float32)):
         if max_hole_area > 0:
-            m[_small_components(m <= 0, max_hole_area)] = 10.0
+            out[i][_small_components(m <= 0, max_hole_area)] = 10.0
         if max_sprinkle_area > 0:
-            m[_small_components(m > 0, max_sprinkle_area)] = -10.0
+            out[i][_small_components(m > 0, max_sprinkle_area)] = -10.0
     return out
 
 
@@ -90,16 +97,54 @@ class Sam2Segmenter:
     def from_pretrained(
         cls, name: str = DEFAULT_SAM2, device: str | torch.device = "cpu", local_files_only: bool = False, **kwargs: Any
     ) -> Sam2Segmenter:
-        """Load SAM 2.1 weights from the Hugging Face hub (or its cache) or a local directory in transformers format.
+        """SAM 2.1 by name, from Meta's checkpoint file, or in transformers format.
+
+        ``name`` is one of
+
+        * ``sam2.1-t`` / ``sam2.1-s`` / ``sam2.1-b+`` / ``sam2.1-l``: Meta's ``sam2.1_hiera_*.pt`` from the
+          ``facebook/sam2.1-hiera-*`` repository (what BBoxMaskPose runs), fetched with huggingface_hub;
+        * a Meta checkpoint file (``{"model": state_dict}``, any of the four sizes, read off the weights);
+        * a transformers-format repository id (``facebook/sam2.1-hiera-base-plus``) or folder.
 
         Raises:
-            RuntimeError: with one clear message when the weights cannot be had (no network, no cache, bad path).
+            WeightsUnavailableError: a named file cannot be had (offline and not cached), naming repo, file and the
+                command that downloads it.
+            RuntimeError: a transformers-format model cannot be loaded.
         """
+        from bmp_lightning.interop.hub import (
+            WeightsUnavailableError,
+            cached_path,
+            hub_weights,
+            resolve_weights,
+            unavailable_message,
+        )
+
+        _import_sam2()
+        w = hub_weights(name)
+        if w is not None and local_files_only:
+            path = cached_path(w)
+            if path is None:
+                raise WeightsUnavailableError(unavailable_message(w, "not in the Hugging Face cache", "sam"))
+        elif w is not None:
+            path = resolve_weights(name, key="sam", kind="sam")
+        else:
+            path = os.fspath(name)
+        if os.path.isfile(path):
+            from bmp_lightning.interop.sam2_meta import load_meta_sam2
+
+            return cls(load_meta_sam2(path), device=device, **kwargs)
         _, _, sam2_model = _import_sam2()
         try:
-            model = sam2_model.from_pretrained(name, local_files_only=local_files_only)
+            model = sam2_model.from_pretrained(path, local_files_only=local_files_only)
         except (OSError, ValueError) as err:  # hub errors subclass OSError; bad repo ids raise ValueError
-            raise RuntimeError(f"{OFFLINE_MESSAGE} (could not load {name!r}: {type(err).__name__})") from None
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise WeightsUnavailableError(
+                f"SAM 2 weights {name!r} could not be loaded in transformers format ({type(err).__name__}: {reason}). "
+                "Use a name (sam=sam2.1-b+, Meta's checkpoint via huggingface_hub: "
+                "hf download facebook/sam2.1-hiera-base-plus sam2.1_hiera_base_plus.pt --local-dir weights), a local "
+                "Meta file (sam=weights/sam2.1_hiera_base_plus.pt) or a transformers folder; loop.segmenter=none "
+                "keeps the detector's masks instead"
+            ) from None
         return cls(model, device=device, **kwargs)
 
     @classmethod

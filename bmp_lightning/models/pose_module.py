@@ -44,7 +44,9 @@ class PoseLitModule(L.LightningModule):
         milestones: epochs where the lr is multiplied by ``gamma``.
         flip_test: average with the mirrored, channel-swapped heatmaps of the flipped crop at validation.
         use_mask: MaskPose (the data pipeline dims the background by the instance mask).
-        init_weights: weights to start from (ours or an official MMPose ``.pth``); ``ckpt_path`` resumes instead.
+        init_weights: weights to start from (ours, an official MMPose ``.pth``, a name such as ``vitpose-b-multi``, or
+            ``mae``); ``ckpt_path`` resumes instead.
+        allow_random_init: ``mae`` weights that cannot be fetched leave the random init instead of stopping the run.
         score_thr: keypoint score threshold for the COCO instance score (0.2 upstream).
         max_nonfinite_steps: NaN/inf losses to skip (no optimizer step; counted as ``train/nonfinite_steps``) before
             the run stops with an error; 0 stops at the first.
@@ -65,6 +67,7 @@ class PoseLitModule(L.LightningModule):
         flip_test: bool = True,
         use_mask: bool = False,
         init_weights: str | None = None,
+        allow_random_init: bool = False,
         input_size: tuple[int, int] = (192, 256),
         heatmap_size: tuple[int, int] = (48, 64),
         sigma: float = 2.0,
@@ -78,7 +81,7 @@ class PoseLitModule(L.LightningModule):
         if init_weights:
             from bmp_lightning.interop.pose_weights import load_pose_weights
 
-            load_pose_weights(self.net, init_weights)
+            load_pose_weights(self.net, init_weights, allow_random_init=allow_random_init)
         self._val_preds: dict[int, list[dict[str, Any]]] = defaultdict(list)
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
         self.net_config: dict[str, Any] | None = None

@@ -1,8 +1,7 @@
 """Add SAM 2 person masks to MPII / AIC annotations (BBoxMaskPose's ``*_sam_*.json`` training files).
 
     python -m bmp_lightning.tools.make_sam_masks ann=<json> images=<dir> [out=<json>] [format=auto|mpii|coco] \
-        [sam=facebook/sam2.1-hiera-base-plus] [device=cpu] [mask_format=rle|polygon] [every=50] \
-        [local_files_only=false] [strict=false]
+        [sam=sam2.1-b+] [device=cpu] [mask_format=rle|polygon] [every=50] [local_files_only=false] [strict=false]
 
 MaskPose trains on COCO's ground-truth polygons and on SAM masks for MPII and AIC, which have none; BMP ships those
 masks as ``annotations/{mpii,aic}_sam_{train,val}.json`` but neither the script nor its prompting

@@ -111,13 +111,42 @@ def test_render_edge_cases():
 
 
 def test_make_demo_model_lookup(tmp_path, caplog):
-    from bmp_lightning.loop.smoke_demo import SMOKE_DIR, sam_in_cache, smoke_checkpoint
+    from bmp_lightning.loop.smoke_demo import SMOKE_DIR, SmokeModelError, smoke_checkpoint
 
-    # no smoke config in this root: a clear warning and the tiny random fallback (None), no training started
-    assert smoke_checkpoint("det", root=tmp_path) is None
-    assert "rtmdet_smoke.yaml does not exist yet" in caplog.text
+    # no smoke config in this root: an error, no silent tiny random model, no training started
+    with pytest.raises(SmokeModelError, match=r"rtmdet_smoke.yaml does not exist.*allow_tiny_random=true"):
+        smoke_checkpoint("det", root=tmp_path)
+    assert smoke_checkpoint("det", root=tmp_path, allow_tiny_random=True) is None  # the explicit opt-in
+    assert "TINY RANDOM" in caplog.text
     ckpt = tmp_path / SMOKE_DIR / "pose" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")
     assert smoke_checkpoint("pose", root=tmp_path) == ckpt  # an existing checkpoint is reused as is
-    assert sam_in_cache(str(tmp_path)) and not sam_in_cache("nobody/no-such-sam-model")
+
+
+def test_make_demo_runs_without_sam_by_its_own_config(tmp_path, monkeypatch):
+    """`make demo` keeps the detector's masks because its loop preset says so, not because SAM is not cached."""
+    from hydra import compose, initialize_config_dir
+
+    from bmp_lightning.doctor import CONF_DIR
+    from bmp_lightning.loop import smoke_demo
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    for kind in ("pose", "det"):
+        ckpt = tmp_path / smoke_demo.SMOKE_DIR / kind / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"")
+    (tmp_path / smoke_demo.SMOKE_DIR / "scenes" / "images" / "val").mkdir(parents=True)
+    monkeypatch.setattr(smoke_demo.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or _Done())
+    assert smoke_demo.main([]) == 0
+    assert "loop=detector_masks" in calls[-1]
+    smoke_demo.main(["loop=bmp_d3", "sam=sam2.1-b+"])
+    assert "loop=detector_masks" not in calls[-1] and "sam=sam2.1-b+" in calls[-1]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("demo.yaml", overrides=["loop=detector_masks"])
+    assert cfg.loop.segmenter == "none" and cfg.loop.max_painted_overlap == 0.7 and cfg.loop.num_iters == 2
+
+
+class _Done:
+    returncode = 0

@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bmp_lightning.loop.segmenter import OFFLINE_MESSAGE, Sam2Segmenter, clean_mask_logits  # noqa: E402
+from bmp_lightning.interop.hub import WeightsUnavailableError  # noqa: E402
+from bmp_lightning.loop.segmenter import Sam2Segmenter, clean_mask_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +84,18 @@ def test_predict_before_set_image_raises():
         Sam2Segmenter.tiny_random(seed=1).predict(PTS, LABELS)
 
 
-def test_from_pretrained_offline_message():
-    with pytest.raises(RuntimeError) as info:
+def test_from_pretrained_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsUnavailableError) as info:
         Sam2Segmenter.from_pretrained("facebook/sam2.1-hiera-base-plus", local_files_only=True)
-    assert OFFLINE_MESSAGE in str(info.value)
+    assert "sam=sam2.1-b+" in str(info.value) and "loop.segmenter=none" in str(info.value)
     assert info.value.__cause__ is None  # one message, no chained traceback
+    with pytest.raises(WeightsUnavailableError) as info:  # by name: Meta's file, the repo and the command
+        Sam2Segmenter.from_pretrained("sam2.1-b+")
+    msg = str(info.value)
+    assert "facebook/sam2.1-hiera-base-plus" in msg and "sam2.1_hiera_base_plus.pt" in msg
+    assert "hf download facebook/sam2.1-hiera-base-plus sam2.1_hiera_base_plus.pt --local-dir weights" in msg
 
 
 def test_clean_mask_logits_holes_and_sprinkles():
@@ -102,6 +110,17 @@ def test_clean_mask_logits_holes_and_sprinkles():
     np.testing.assert_array_equal(clean_mask_logits(logits, 0, 0), logits)
     kept = clean_mask_logits(logits, max_hole_area=8, max_sprinkle_area=3)
     np.testing.assert_array_equal(kept, logits)
+
+
+def test_clean_mask_logits_components_of_the_input_as_meta():
+    """Meta's postprocess_masks finds holes and sprinkles on the input logits: a 16 px ring around a 9 px hole is a
+    sprinkle (removed) while its hole is filled (kept), not one 25 px component."""
+    logits = np.full((1, 12, 12), -5.0, np.float32)
+    logits[0, 3:8, 3:8] = 5.0
+    logits[0, 4:7, 4:7] = -5.0  # 5x5 square with a 3x3 hole: 16 px ring, 9 px hole
+    out = clean_mask_logits(logits, max_hole_area=9, max_sprinkle_area=16)
+    assert (out[0, 4:7, 4:7] == 10.0).all()  # hole filled
+    assert out[0, 3, 3] == -10.0 and out[0, 7, 7] == -10.0  # ring removed
 
 
 def test_chunked_upsampling_and_box_prompts(image):

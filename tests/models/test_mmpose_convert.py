@@ -298,8 +298,10 @@ def test_mae_state_loads_into_the_backbone():
     assert torch.equal(bb.pos_embed, expected)
 
 
-def test_load_mae_init_offline_logs_one_line(monkeypatch, caplog):
+def test_load_mae_init_offline_stops_unless_random_init_is_allowed(monkeypatch, caplog):
     import timm
+
+    from bmp_lightning.interop.timm_init import MAEUnavailableError
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nsecond line")
@@ -307,12 +309,17 @@ def test_load_mae_init_offline_logs_one_line(monkeypatch, caplog):
     monkeypatch.setattr(timm, "create_model", offline)
     bb = ViTPoseBackbone(embed_dim=64, depth=2, num_heads=2)
     before = bb.pos_embed.detach().clone()
-    with caplog.at_level(logging.WARNING):
-        assert load_mae_init(bb) is False
+    with pytest.raises(MAEUnavailableError) as info:  # no silent paper run from random weights
+        load_mae_init(bb)
+    msg = str(info.value)
+    assert "timm/vit_base_patch16_224.mae" in msg and "model.allow_random_init=true" in msg
+    assert "hf download timm/vit_base_patch16_224.mae model.safetensors" in msg
+    with caplog.at_level(logging.WARNING):  # the explicit opt-in: one warning, random init kept
+        assert load_mae_init(bb, allow_random_init=True) is False
     assert torch.equal(bb.pos_embed, before)
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "\n" not in msgs[0]
-    assert msgs[0].startswith("MAE init weights unavailable (offline?): training from random init")
+    assert msgs[0].startswith("MAE init weights unavailable: training from RANDOM init")
 
 
 def test_load_mae_init_with_a_local_timm_model(monkeypatch):
