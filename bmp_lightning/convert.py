@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from bmp_lightning.interop.checkpoint import LoadReport, UnsafeCheckpointError, load_state_dict_report, safe_load
+from bmp_lightning.structures.checkpoint import LoadReport, UnsafeCheckpointError, load_state_dict_report, safe_load
 from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger("bmp_lightning.convert")

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import torch
 
-from bmp_lightning.data.io import as_rgb_array
 from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet, is_mmdet_rtmdet_checkpoint
 from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, build_rtmdet_ins, infer_rtmdet_ins_config
+from bmp_lightning.structures.io import as_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def resize_pad(
 
 def _load_file(path: str | Path) -> Any:
     try:
-        from bmp_lightning.interop.checkpoint import safe_load
+        from bmp_lightning.structures.checkpoint import safe_load
     except ImportError:  # pragma: no cover - fallback while interop.checkpoint is absent
         return torch.load(path, map_location="cpu", weights_only=True)
     return safe_load(path, placeholders=True)

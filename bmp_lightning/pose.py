@@ -19,9 +19,9 @@ from torch import nn
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoints_to_image
 from bmp_lightning.data.crop import source_region, warp_region
-from bmp_lightning.data.io import as_rgb_array
-from bmp_lightning.data.keypoints import FLIP_INDICES
 from bmp_lightning.data.transforms import GetBBoxCenterScale, MaskBackground, TopdownAffine
+from bmp_lightning.structures.io import as_rgb_array
+from bmp_lightning.structures.keypoints import FLIP_INDICES
 
 log = logging.getLogger(__name__)
 

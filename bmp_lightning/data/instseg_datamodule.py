@@ -30,8 +30,8 @@ from bmp_lightning.data.instseg_dataset import (
     to_tensors,
 )
 from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, build_train_pipeline
-from bmp_lightning.data.records import skip_summary
 from bmp_lightning.data.samplers import ResumableDataLoader, ShardedBatchSampler, fit_loop_epoch
+from bmp_lightning.structures.records import skip_summary
 from bmp_lightning.utils.common import to_plain
 
 __all__ = [
@@ -298,7 +298,7 @@ class InstSegDataModule(L.LightningDataModule):
 
     def skip_report(self, limit: int = 100) -> dict[str, Any]:
         """Images skipped so far (``skip_bad_samples=true``) on this rank, workers included (see
-        :func:`bmp_lightning.data.records.skip_summary`; datasets ``train`` and ``val``)."""
+        :func:`bmp_lightning.structures.records.skip_summary`; datasets ``train`` and ``val``)."""
         return skip_summary({"train": self.train_dataset, "val": self.val_dataset}, limit=limit)
 
 

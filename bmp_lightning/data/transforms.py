@@ -5,7 +5,7 @@ A sample is a plain dict. Input keys:
 * ``img`` ``(H, W, 3)`` uint8 RGB; ``bbox`` ``(4,)`` xyxy; ``keypoints`` ``(K, 2)``; ``keypoints_visible`` ``(K,)``
   0/1; ``mask`` ``(H, W)`` uint8 0/1 or None;
 * optional ``flip_indices``, ``upper_body_ids``, ``lower_body_ids`` (defaults from
-  :mod:`bmp_lightning.data.keypoints` for K = 21 or 17) and ``where`` (file/entry text used in error messages).
+  :mod:`bmp_lightning.structures.keypoints` for K = 21 or 17) and ``where`` (file/entry text used in error messages).
 
 Every transform is ``__call__(sample, rng) -> sample`` and draws all its randomness from ``rng``, so a pipeline is
 deterministic given the generator. Transforms replace arrays instead of writing into them, so the caller's arrays
@@ -43,7 +43,8 @@ from bmp_lightning.data.crop import (
     source_region,
     warp_region,
 )
-from bmp_lightning.data.keypoints import (
+from bmp_lightning.data.mask_perturb import perturb_mask, perturb_mask_region
+from bmp_lightning.structures.keypoints import (
     COCO_FLIP_INDICES,
     FLIP_INDICES,
     LOWER_BODY_IDS,
@@ -51,8 +52,7 @@ from bmp_lightning.data.keypoints import (
     NUM_KEYPOINTS,
     UPPER_BODY_IDS,
 )
-from bmp_lightning.data.mask_perturb import perturb_mask, perturb_mask_region
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.records import BadSampleError
 
 __all__ = [
     "Compose",
@@ -491,7 +491,7 @@ class RoiCompose(Compose):
     ``MaskBackground`` after the geometry changes no draw, and the samples (crop, mask, heatmaps, weights) are
     identical to the reference's.
 
-    ``mask`` may be an array or a :class:`~bmp_lightning.data.masks.RleMask` (``region_first``: what datasets
+    ``mask`` may be an array or a :class:`~bmp_lightning.structures.masks.RleMask` (``region_first``: what datasets
     check before handing one). Supports pipelines of the shape ``[GetBBoxCenterScale | MaskBackground | RandomFlip |
     RandomHalfBody | RandomBBoxTransform]* TopdownAffine [anything working on the crop]*`` (what
     :func:`build_pose_pipeline` builds).

@@ -29,7 +29,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 try:  # the project's safe loader (weights_only=True, inert placeholders for MMEngine objects)
-    from bmp_lightning.interop.checkpoint import safe_load as _safe_load
+    from bmp_lightning.structures.checkpoint import safe_load as _safe_load
 
     def _load(path: str | Path) -> Any:
         return _safe_load(path, placeholders=True)

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bmp_lightning.interop.checkpoint import load_state_dict_report, safe_load
 from bmp_lightning.interop.mmpose import convert_mmpose_vitpose
+from bmp_lightning.structures.checkpoint import load_state_dict_report, safe_load
 
 log = logging.getLogger(__name__)
 

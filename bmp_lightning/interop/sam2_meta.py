@@ -155,7 +155,7 @@ def load_meta_sam2(path: str | os.PathLike, dtype: torch.dtype | None = None) ->
     """A transformers ``Sam2Model`` holding the weights of a Meta ``sam2.1_hiera_*.pt`` file (strict load)."""
     from transformers import Sam2Model
 
-    from bmp_lightning.interop.checkpoint import safe_load
+    from bmp_lightning.structures.checkpoint import safe_load
 
     sd = meta_state_dict(safe_load(path))
     size = infer_hiera_size(sd)

@@ -22,12 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bmp_lightning.data.io import as_rgb_array
-from bmp_lightning.data.keypoints import COCO_SIGMAS, NUM_COCO_KEYPOINTS
 from bmp_lightning.loop.config import LoopConfig, resolve_loop_config
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, painted_region
 from bmp_lightning.loop.pose_nms import pose_nms
 from bmp_lightning.loop.prompts import select_negative_prompts, select_prompt_keypoints
+from bmp_lightning.structures.io import as_rgb_array
+from bmp_lightning.structures.keypoints import COCO_SIGMAS, NUM_COCO_KEYPOINTS
+from bmp_lightning.structures.mask_ops import box_nms, exclusive_masks, painted_region
 
 
 @runtime_checkable

@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.keypoints import NUM_COCO_KEYPOINTS
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.bmp import Person
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, rescore
 from bmp_lightning.metrics.cocotools import write_json_atomic
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator, encode_masks
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.keypoints import NUM_COCO_KEYPOINTS
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger("bmp_lightning.bmp")
 

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.keypoints import KEYPOINTS
-from bmp_lightning.data.masks import mask_to_rle
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.bmp import BMPResult
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.keypoints import KEYPOINTS
+from bmp_lightning.structures.masks import mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger("bmp_lightning.demo")
 

@@ -4,7 +4,7 @@ Protocol (MMPose ``coco_metric.py``; docs/recipes.md#evaluation):
 
 1. predictions are de-duplicated by ``instance_id`` (DDP padding repeats samples);
 2. 21-slot predictions are reduced to the dataset's keypoints: the first 17 for COCO / OCHuman, the 14 CrowdPose
-   joints through :func:`bmp_lightning.data.keypoints.from_merged`;
+   joints through :func:`bmp_lightning.structures.keypoints.from_merged`;
 3. instance score (``score_mode='bbox_keypoint'``) = ``bbox_score`` x mean of the keypoint scores ``> 0.2``
    (0 when none passes); ``score_mode='bbox'`` uses ``bbox_score`` alone;
 4. optional greedy OKS-NMS per image (all keypoints count, area = mean of the two areas, threshold 0.9);
@@ -40,11 +40,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, from_merged
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
 from bmp_lightning.metrics.oks import default_sigmas, oks_nms
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, from_merged
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger(__name__)

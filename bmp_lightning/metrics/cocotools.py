@@ -16,7 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.run import to_json
 
 log = logging.getLogger(__name__)

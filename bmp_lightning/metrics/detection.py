@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger(__name__)
 

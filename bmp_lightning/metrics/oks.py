@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import COCO_SIGMAS, CROWDPOSE_SIGMAS, SIGMAS
+from bmp_lightning.structures.keypoints import COCO_SIGMAS, CROWDPOSE_SIGMAS, SIGMAS
 
 EPS = float(np.spacing(1))
 

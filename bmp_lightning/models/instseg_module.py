@@ -113,8 +113,8 @@ def load_init_weights(net: nn.Module, path: str | os.PathLike, keep_classes: boo
         the keys left at their initial values.
     """
     from bmp_lightning.detector import rtmdet_state_dict
-    from bmp_lightning.interop.checkpoint import safe_load
     from bmp_lightning.interop.hub import resolve_weights
+    from bmp_lightning.structures.checkpoint import safe_load
 
     path = resolve_weights(path, key="model.init_weights", kind="detector")  # a name such as rtmdet-l-bmp
     ckpt = safe_load(path, placeholders=True)

@@ -17,8 +17,8 @@ from torch import nn
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
-from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
 from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
+from bmp_lightning.structures.keypoints import FLIP_INDICES, NUM_KEYPOINTS
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,

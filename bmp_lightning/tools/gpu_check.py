@@ -196,7 +196,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_pose_estimator(device: str, tiny: bool, n_boxes: int) -> dict[str, Any]:
     from bmp_lightning.pose import PoseEstimator
-    from bmp_lightning.utils.bench_pose import sample_scene
+    from bmp_lightning.tools.bench_pose import sample_scene
 
     img, boxes, masks, what = sample_scene(n_boxes)
     net = _pose_net(tiny).eval()
@@ -238,7 +238,7 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
 def check_detector(device: str, tiny: bool) -> dict[str, Any]:
     from bmp_lightning.detector import Detector
     from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
-    from bmp_lightning.utils.bench_det import _image
+    from bmp_lightning.tools.bench_det import _image
 
     torch.manual_seed(0)
     size = "tiny" if tiny else "l"
@@ -267,7 +267,7 @@ def check_detector(device: str, tiny: bool) -> dict[str, Any]:
 
 def check_bmp_loop(device: str, tiny: bool, n_images: int = 2) -> dict[str, Any]:
     from bmp_lightning.data.synthetic import sample_scene
-    from bmp_lightning.utils.bench_loop import IMAGE_HW, bench_set
+    from bmp_lightning.tools.bench_loop import IMAGE_HW, bench_set
 
     scenes = [sample_scene(np.random.default_rng([2025, i]), IMAGE_HW, min_people=6, max_people=6)
               for i in range(n_images)]  # fmt: skip

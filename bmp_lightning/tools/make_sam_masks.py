@@ -42,10 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.data.readers import mpii_box
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import mask_to_polygons, mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
 from bmp_lightning.utils.distributed import DistContext
 from bmp_lightning.utils.run import atomic_write_json

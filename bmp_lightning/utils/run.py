@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from bmp_lightning.utils.errors import find_user_error
+from bmp_lightning.structures.errors import find_user_error
 
 log = logging.getLogger("bmp_lightning")
 
@@ -95,7 +95,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
 
     Run dirs are logs/<task>/<experiment>/<time>, so the experiment folder is the run dir's parent.
     """
-    from bmp_lightning.interop.checkpoint import check_checkpoint_file
+    from bmp_lightning.structures.checkpoint import check_checkpoint_file
 
     if ckpt_path is None or str(ckpt_path) != "auto":
         if ckpt_path is not None and not Path(ckpt_path).is_file():
@@ -119,7 +119,7 @@ def task_wrapper(fn: Callable) -> Callable:
     """Log failures with the run dir, and always close W&B so multirun jobs don't log into one run.
 
     A user error (a config value, a bad or unsafe file, a diverged run; also behind Hydra's instantiation error:
-    :func:`~bmp_lightning.utils.errors.find_user_error`) is logged as one line, its traceback at debug level;
+    :func:`~bmp_lightning.structures.errors.find_user_error`) is logged as one line, its traceback at debug level;
     anything else with its traceback. The exception is re-raised either way (in-process callers and Hydra multirun
     see it); :func:`exit_on_user_error` turns it into a plain non-zero exit at the command line.
     """

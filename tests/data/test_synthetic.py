@@ -11,8 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from bmp_lightning.data.keypoints import KEYPOINTS, NUM_COCO_KEYPOINTS, SOURCE_MAPPINGS, from_merged, to_merged
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.synthetic import (
     Figure,
     figure_keypoints,
@@ -22,6 +20,8 @@ from bmp_lightning.data.synthetic import (
     render_scene,
     sample_figure,
 )
+from bmp_lightning.structures.keypoints import KEYPOINTS, NUM_COCO_KEYPOINTS, SOURCE_MAPPINGS, from_merged, to_merged
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 K = {name: i for i, name in enumerate(KEYPOINTS)}
 H, W = 256, 320

@@ -15,14 +15,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bmp_lightning.bmp import alias_data_overrides
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.synthetic import generate
 from bmp_lightning.loop import evaluate as bmp_eval
 from bmp_lightning.loop.bmp import BMP
 from bmp_lightning.loop.build import build_bmp, save_tiny_random_checkpoints
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, results_to_predictions
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bmp_lightning.bmp import alias_data_overrides, evaluate_bmp
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.data.synthetic import generate
 from bmp_lightning.demo import demo
+from bmp_lightning.structures.records import BadSampleError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.keypoints import CROWDPOSE_SIGMAS, to_merged
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, rescore
 from bmp_lightning.metrics.cocotools import quiet
+from bmp_lightning.structures.keypoints import CROWDPOSE_SIGMAS, to_merged
+from bmp_lightning.structures.records import BadSampleError
 
 ROOT = Path(__file__).resolve().parents[2]
 

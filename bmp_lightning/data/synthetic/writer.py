@@ -24,14 +24,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bmp_lightning.data.keypoints import (
+from bmp_lightning.data.synthetic.scene import Scene, sample_scene
+from bmp_lightning.structures.keypoints import (
     KEYPOINTS,
     NUM_COCO_KEYPOINTS,
     SKELETON,
     from_merged,
 )
-from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
-from bmp_lightning.data.synthetic.scene import Scene, sample_scene
+from bmp_lightning.structures.masks import mask_to_polygons, mask_to_rle
 
 GENERATOR_VERSION = "1"
 MPII_PIXEL_STD = 200.0  # MPII scale unit: box side = scale * 200 px

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-from bmp_lightning.interop.checkpoint import UnknownObject, _numpy_globals, _placeholder_globals, safe_load
+from bmp_lightning.structures.checkpoint import UnknownObject, _numpy_globals, _placeholder_globals, safe_load
 
 
 class HubHistory:  # stands in for MMEngine's message_hub objects
@@ -34,7 +34,7 @@ def test_loads_identically_under_different_hash_seeds(tmp_path):
     obj = safe_load(path, placeholders=True)
     assert isinstance(obj["meta"]["flip"], np.ndarray) and isinstance(obj["hub"], UnknownObject)
     code = (
-        "import sys, numpy as np; from bmp_lightning.interop.checkpoint import safe_load;"
+        "import sys, numpy as np; from bmp_lightning.structures.checkpoint import safe_load;"
         "o = safe_load(sys.argv[1], placeholders=True); assert isinstance(o['meta']['flip'], np.ndarray)"
     )
     for seed in ("0", "1", "2", "3", "4", "5"):

@@ -18,8 +18,8 @@ class CheckpointError(UserError, ValueError):
 
 def is_user_error(err: BaseException) -> bool:
     """Errors whose message is the whole story: ours, a bad sample / unsafe pickle, a missing file."""
-    from bmp_lightning.data.records import BadSampleError
-    from bmp_lightning.interop.checkpoint import UnsafeCheckpointError
+    from bmp_lightning.structures.checkpoint import UnsafeCheckpointError
+    from bmp_lightning.structures.records import BadSampleError
 
     return isinstance(err, (UserError, BadSampleError, UnsafeCheckpointError, FileNotFoundError))
 

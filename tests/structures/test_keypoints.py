@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bmp_lightning.data import keypoints as kp
+from bmp_lightning.structures import keypoints as kp
 
 # Typed from the dataset documentation by joint *name*: source joint -> merged joint.
 MPII_BY_NAME = {

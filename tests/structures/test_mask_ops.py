@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out, painted_region
+from bmp_lightning.structures.mask_ops import box_nms, exclusive_masks, mask_out, painted_region
 
 
 def _rect(h, w, y0, y1, x0, x1):

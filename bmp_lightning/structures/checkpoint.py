@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.utils.errors import CheckpointError
+from bmp_lightning.structures.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

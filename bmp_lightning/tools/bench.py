@@ -1,6 +1,6 @@
 """Benchmarks printed by `make bench-*` (never timed tests).
 
-Usage: python -m bmp_lightning.utils.bench data|pose|det|loop
+Usage: python -m bmp_lightning.tools.bench data|pose|det|loop
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
     from unittest import mock
 
     import bmp_lightning.data.datasets as datasets
-    import bmp_lightning.data.records as records
     import bmp_lightning.data.transforms as transforms
+    import bmp_lightning.structures.records as records
 
     totals: dict[str, float] = {}
 
@@ -123,7 +123,7 @@ def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
     from bmp_lightning.data.transforms import Compose
     from bmp_lightning.models.components.pose_net import vitpose_tiny
     from bmp_lightning.pose import PoseEstimator
-    from bmp_lightning.utils.bench_pose import sample_scene
+    from bmp_lightning.tools.bench_pose import sample_scene
 
     img, boxes, masks, _ = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_tiny(num_keypoints=21, img_size=(256, 192)), use_mask=True, flip_test=False)

@@ -6,7 +6,7 @@
 - CUDA (when available): bf16-mixed training img/s (forward, MSE loss, backward, AdamW step) and inference crops/s
   (``PoseEstimator``, fp32 and the network alone under bf16 autocast) of ViT-B.
 
-    python -m bmp_lightning.utils.bench pose        # BENCH_THREADS=2 by default; BENCH_BOXES=16
+    python -m bmp_lightning.tools.bench pose        # BENCH_THREADS=2 by default; BENCH_BOXES=16
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     coco = SHARED / "data" / "coco"
     if (coco / "test_coco.json").is_file():
-        from bmp_lightning.data.io import read_image
         from bmp_lightning.data.readers import read_coco_keypoints
+        from bmp_lightning.structures.io import read_image
 
         records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
         by_image: dict[str, list] = {}
