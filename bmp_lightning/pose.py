@@ -20,6 +20,8 @@ from torch import nn
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoints_to_image
 from bmp_lightning.data.crop import source_region, warp_region
 from bmp_lightning.data.transforms import GetBBoxCenterScale, MaskBackground, TopdownAffine
+from bmp_lightning.interop.hub import hub_weights, resolve_weights
+from bmp_lightning.interop.pose_weights import build_net_from_weights
 from bmp_lightning.structures.io import as_rgb_array
 from bmp_lightning.structures.keypoints import FLIP_INDICES
 
@@ -87,7 +89,6 @@ class PoseEstimator:
         The file is read with ``torch.load(weights_only=True)``: one that pickles other Python objects is refused
         (``UnsafeCheckpointError``) unless ``allow_objects=True``, which keeps them as inert placeholders.
         """
-        from bmp_lightning.interop.pose_weights import build_net_from_weights
 
         net, meta = build_net_from_weights(path, preset=preset, allow_objects=allow_objects)
         if use_mask is None:
@@ -104,7 +105,6 @@ class PoseEstimator:
         Raises:
             WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
         """
-        from bmp_lightning.interop.hub import hub_weights, resolve_weights
 
         w = hub_weights(name)
         if w is not None and w.kind == "pose":

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
 from bmp_lightning.data.readers import ReadReport, read_detections, read_source
 from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader, fit_loop_epoch
+from bmp_lightning.data.synthetic import generate_if_missing
+from bmp_lightning.data.transforms import build_pose_pipeline
 from bmp_lightning.structures.records import PersonRecord, skip_summary
 from bmp_lightning.utils.common import dist_world, to_plain
 
@@ -293,7 +295,6 @@ class PoseDataModule(L.LightningDataModule):
 
     def pipeline(self, train: bool, use_mask: bool | None = None, mask_optional: bool | None = None) -> Any:
         """``build_pose_pipeline`` with this module's knobs (``use_mask``/``mask_optional`` overridable per set)."""
-        from bmp_lightning.data.transforms import build_pose_pipeline
 
         kwargs = dict(self.pipeline_kwargs)
         if mask_optional is not None:
@@ -310,7 +311,6 @@ class PoseDataModule(L.LightningDataModule):
     def _maybe_generate(self) -> None:
         if not self.synthetic:
             return
-        from bmp_lightning.data.synthetic import generate_if_missing
 
         out_dir = self._path(self.synthetic.get("out_dir")) or self.root
         generate_if_missing(self.synthetic, self._needed_files(), out_dir, log)

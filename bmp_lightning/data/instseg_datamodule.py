@@ -31,6 +31,7 @@ from bmp_lightning.data.instseg_dataset import (
 )
 from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, build_train_pipeline
 from bmp_lightning.data.samplers import ResumableDataLoader, ShardedBatchSampler, fit_loop_epoch
+from bmp_lightning.data.synthetic import generate_if_missing
 from bmp_lightning.structures.records import skip_summary
 from bmp_lightning.utils.common import to_plain
 
@@ -207,7 +208,6 @@ class InstSegDataModule(L.LightningDataModule):
     def _maybe_generate(self) -> None:
         if not self.synthetic:
             return
-        from bmp_lightning.data.synthetic import generate_if_missing
 
         out_dir = self._path(self.synthetic.get("out_dir")) or self.root
         generate_if_missing(self.synthetic, (self.train_ann, self.val_ann), out_dir, log)

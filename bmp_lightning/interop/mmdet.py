@@ -26,18 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from bmp_lightning.structures.checkpoint import safe_load
+
 log = logging.getLogger(__name__)
 
-try:  # the project's safe loader (weights_only=True, inert placeholders for MMEngine objects)
-    from bmp_lightning.structures.checkpoint import safe_load as _safe_load
 
-    def _load(path: str | Path) -> Any:
-        return _safe_load(path, placeholders=True)
-
-except ImportError:  # pragma: no cover - fallback while interop.checkpoint is absent
-
-    def _load(path: str | Path) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: str | Path) -> Any:
+    return safe_load(path, placeholders=True)  # weights_only=True, inert placeholders for MMEngine objects
 
 
 _TOWER = re.compile(r"^head\.(cls|reg)_convs\.(\d+)\.(\d+)\.(conv|bn)\.(.+)$")
@@ -173,3 +168,30 @@ def load_mmdet_rtmdet(
         if keys:
             log.warning("load_mmdet_rtmdet: %d %s keys: %s", len(keys), title, ", ".join(keys))
     return list(missing), list(unexpected)
+
+
+def rtmdet_state_dict(checkpoint: Mapping[str, Any], num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Our ``RTMDetIns`` state dict from any supported checkpoint layout.
+
+    Accepts a bare state dict with our keys, a Lightning checkpoint (``state_dict`` with a ``model.``-like prefix;
+    an EMA copy, i.e. a prefix containing ``ema``, is preferred), or MMDetection weights (detected by their
+    ``bbox_head.`` keys, converted by :func:`convert_mmdet_rtmdet`).
+    ``num_classes`` smaller than the checkpoint's keeps the first classes (person = 0 on COCO).
+    """
+    sd = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(sd, Mapping):
+        raise ValueError("checkpoint has no state dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    anchor = "backbone.stem.0.conv.weight"
+    prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
+    if not prefixes:
+        raise ValueError(f"not an RTMDet checkpoint: no '*{anchor}' key among {len(sd)} tensors")
+    ema = [p for p in prefixes if "ema" in p.lower()]
+    prefix = ema[0] if ema else min(prefixes, key=len)
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if is_mmdet_rtmdet_checkpoint(sd):
+        return convert_mmdet_rtmdet(sd, num_classes)
+    have = int(sd["head.rtm_cls.0.weight"].shape[0])
+    if num_classes is not None and num_classes < have:
+        sd = {k: (v[:num_classes] if k.startswith("head.rtm_cls.") else v) for k, v in sd.items()}
+    return sd

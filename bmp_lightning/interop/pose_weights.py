@@ -12,8 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from bmp_lightning.interop.hub import resolve_weights
 from bmp_lightning.interop.mmpose import convert_mmpose_vitpose
+from bmp_lightning.interop.timm_init import load_mae_init
+from bmp_lightning.models.components import pose_net
 from bmp_lightning.structures.checkpoint import load_state_dict_report, safe_load
+from bmp_lightning.structures.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,8 @@ def load_pose_weights(
     (with a warning) instead of stopping.
     """
     if str(path).lower() == "mae":
-        from bmp_lightning.interop.timm_init import load_mae_init
-
         load_mae_init(net.backbone, allow_random_init=allow_random_init)
         return
-    from bmp_lightning.interop.hub import resolve_weights
 
     path = resolve_weights(path, key="model.init_weights", kind="pose")
     sd, _ = read_pose_weights(path)
@@ -103,8 +104,6 @@ def build_net_from_weights(
     is refused unless ``allow_objects``, see :func:`read_pose_weights`)."""
     import hydra
 
-    from bmp_lightning.models.components import pose_net
-
     sd, meta = read_pose_weights(path, allow_objects=allow_objects)
     if preset is not None:
         net = pose_net.build_pose_net(preset, num_keypoints=int(sd["head.final_layer.weight"].shape[0]))
@@ -122,6 +121,5 @@ def build_net_from_weights(
 
 def export_pose_weights(net: nn.Module, path: str | os.PathLike, net_config: dict | None, use_mask: bool) -> None:
     """Write a plain weights file (tensors + json-like meta only, loadable with ``weights_only=True``)."""
-    from bmp_lightning.utils.run import atomic_torch_save
 
     atomic_torch_save({"state_dict": net.state_dict(), "net_config": net_config, "use_mask": bool(use_mask)}, path)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from bmp_lightning.structures.checkpoint import safe_load
+
 # Meta's configs sam2.1_hiera_{t,s,b+,l}.yaml (sam2 1.1.0); heads double at every stage (head_mul 2).
 HIERA_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=96, blocks_per_stage=[1, 2, 7, 2], num_attention_heads=1,
@@ -154,8 +156,6 @@ def convert_meta_sam2(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def load_meta_sam2(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Any:
     """A transformers ``Sam2Model`` holding the weights of a Meta ``sam2.1_hiera_*.pt`` file (strict load)."""
     from transformers import Sam2Model
-
-    from bmp_lightning.structures.checkpoint import safe_load
 
     sd = meta_state_dict(safe_load(path))
     size = infer_hiera_size(sd)

@@ -39,13 +39,19 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from bmp_lightning.data.synthetic import generate
 from bmp_lightning.loop.bmp import Person
+from bmp_lightning.loop.build import build_bmp
+from bmp_lightning.loop.config import resolve_loop_config
+from bmp_lightning.loop.render import iteration_figure, save_png
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, rescore
-from bmp_lightning.metrics.cocotools import write_json_atomic
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator, encode_masks
+from bmp_lightning.structures.files import atomic_write_json
 from bmp_lightning.structures.io import read_image
 from bmp_lightning.structures.keypoints import NUM_COCO_KEYPOINTS
 from bmp_lightning.structures.records import BadSampleError
+from bmp_lightning.utils.distributed import device_for_rank, init_distributed
+from bmp_lightning.utils.run import instantiate_dict
 
 log = logging.getLogger("bmp_lightning.bmp")
 
@@ -81,8 +87,6 @@ def split_from_config(cfg: Mapping[str, Any]) -> EvalSplit:
     ann_file, img_dir = Path(cfg["ann_file"]), Path(cfg["img_dir"])
     synthetic = cfg.get("synthetic")
     if synthetic and not ann_file.is_file():
-        from bmp_lightning.data.synthetic import generate
-
         root = Path(cfg.get("root") or ann_file.parent.parent)
         log.info("generating the synthetic dataset in %s (missing %s)", root, ann_file.name)
         generate(root, **synthetic)
@@ -210,9 +214,6 @@ def build_loop_from_config(cfg: DictConfig, device: str | None = None):
     overrides the config's (a distributed rank's own GPU)."""
     import hydra
 
-    from bmp_lightning.loop.build import build_bmp
-    from bmp_lightning.loop.config import resolve_loop_config
-
     loop_cfg = cfg.loop
     if isinstance(loop_cfg, DictConfig) and "_target_" in loop_cfg:
         loop = hydra.utils.instantiate(loop_cfg)
@@ -262,7 +263,6 @@ def evaluate_image(
 ) -> ImageResult:
     """Run the loop on one image of the split; ``vis_path``: also save its picture (detector input + people per
     iteration) there."""
-    from bmp_lightning.loop.render import iteration_figure, save_png
 
     image_id = int(info["id"])
     image = read_image(split.img_dir / info["file_name"], where=f"{split.ann_file}, image id {image_id}")
@@ -285,8 +285,6 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
     ``bmp/dist/world_size`` and ``bmp/dist/rank<r>/images`` (the images each rank processed). Returns the metrics
     (also in ``metrics.json``; an empty dict on the other ranks).
     """
-    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
-    from bmp_lightning.utils.run import atomic_write_json, instantiate_dict
 
     apply_torch_threads(cfg.get("torch_threads"))
     device = resolve_device(cfg.get("device"))
@@ -354,7 +352,6 @@ def score_bmp_results(
     results_dir: Path,
 ) -> dict[str, float]:
     """Rank 0: the ranks' :class:`ImageResult` lists -> per-iteration results json, ``info.json`` and the metrics."""
-    from bmp_lightning.utils.run import atomic_write_json
 
     results = sorted((r for part in parts for r in part["results"]), key=lambda r: r.index)
     order = {int(im["id"]): i for i, im in enumerate(images)}
@@ -366,7 +363,7 @@ def score_bmp_results(
         )
     gt_file = split.ann_file
     if len(images) < len(gt["images"]):
-        gt_file = write_json_atomic(results_dir / "gt.json", subset_ground_truth(gt, images))
+        gt_file = atomic_write_json(results_dir / "gt.json", subset_ground_truth(gt, images), indent=None)
     has_segm = any(a.get("segmentation") for a in gt["annotations"])
     segm = has_segm if split.segm is None else split.segm
     ev = cfg.get("eval") or {}

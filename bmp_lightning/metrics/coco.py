@@ -40,9 +40,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
+from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
 from bmp_lightning.metrics.oks import default_sigmas, oks_nms
+from bmp_lightning.structures.files import atomic_write_json
 from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, from_merged
 from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
@@ -265,7 +266,7 @@ class CocoKeypointEvaluator:
             log.warning("%s: %d predictions with non-finite values dropped (counted as misses), e.g. %s",
                         self.ann_file, len(self.nonfinite_dropped), self.nonfinite_dropped[0])  # fmt: skip
         if outfile_prefix is not None:
-            path = write_json_atomic(f"{os.fspath(outfile_prefix)}.keypoints.json", results)
+            path = atomic_write_json(f"{os.fspath(outfile_prefix)}.keypoints.json", results, indent=None)
             log.info("keypoint results written to %s", path)
         if not results:
             log.warning("%s: no keypoint predictions to evaluate; AP is 0", self.ann_file)
@@ -398,7 +399,7 @@ def _score(args: dict[str, str]) -> dict[str, float]:
     if evaluator.nonfinite == "miss":
         metrics["nonfinite_dropped"] = float(len(evaluator.nonfinite_dropped))
     out = Path(args.get("out") or Path(args["results"]).with_suffix(".metrics.json"))
-    write_json_atomic(out, metrics)
+    atomic_write_json(out, metrics, indent=None)
     print(format_table(metrics, title=f"{evaluator.dataset} keypoint AP — {args['results']}"))
     print(f"metrics written to {out}")
     return metrics

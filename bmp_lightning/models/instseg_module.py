@@ -29,9 +29,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from bmp_lightning.interop.hub import resolve_weights
+from bmp_lightning.interop.mmdet import rtmdet_state_dict
+from bmp_lightning.metrics.detection import CocoDetectionEvaluator
 from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion
+from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 from bmp_lightning.models.ema import ExpMomentumEMA
 from bmp_lightning.models.optim import train_steps_per_epoch
+from bmp_lightning.structures.checkpoint import safe_load
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,
@@ -112,9 +117,6 @@ def load_init_weights(net: nn.Module, path: str | os.PathLike, keep_classes: boo
     Returns:
         the keys left at their initial values.
     """
-    from bmp_lightning.detector import rtmdet_state_dict
-    from bmp_lightning.interop.hub import resolve_weights
-    from bmp_lightning.structures.checkpoint import safe_load
 
     path = resolve_weights(path, key="model.init_weights", kind="detector")  # a name such as rtmdet-l-bmp
     ckpt = safe_load(path, placeholders=True)
@@ -287,7 +289,6 @@ class InstSegLitModule(L.LightningModule):
         return "val"
 
     def _build_evaluator(self):
-        from bmp_lightning.metrics.detection import CocoDetectionEvaluator
 
         dm = getattr(self.trainer, "datamodule", None)
         ann = getattr(dm, "val_ann", None)
@@ -305,7 +306,6 @@ class InstSegLitModule(L.LightningModule):
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any], model: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections in original image pixels for a datamodule batch (EMA network unless ``model`` is given)."""
-        from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 
         net = model if model is not None else self.eval_model
         x = self.normalize(batch["img"])

@@ -17,7 +17,9 @@ from torch import nn
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
+from bmp_lightning.interop.pose_weights import load_pose_weights
 from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
+from bmp_lightning.models.pose_eval import evaluate_val_sets
 from bmp_lightning.structures.keypoints import FLIP_INDICES, NUM_KEYPOINTS
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
@@ -79,8 +81,6 @@ class PoseLitModule(L.LightningModule):
         self.net = net
         self.codec = UDPHeatmap(input_size=tuple(input_size), heatmap_size=tuple(heatmap_size), sigma=sigma)
         if init_weights:
-            from bmp_lightning.interop.pose_weights import load_pose_weights
-
             load_pose_weights(self.net, init_weights, allow_random_init=allow_random_init)
         self._val_preds: dict[int, list[dict[str, Any]]] = defaultdict(list)
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
@@ -180,7 +180,6 @@ class PoseLitModule(L.LightningModule):
             self._val_preds[dataloader_idx].append(pred)
 
     def on_validation_epoch_end(self) -> None:
-        from bmp_lightning.models.pose_eval import evaluate_val_sets
 
         metrics = evaluate_val_sets(self, self._val_preds)
         for name, value in metrics.items():

@@ -18,13 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.structures.errors import CheckpointError
+from bmp_lightning.structures.errors import CheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """The file holds Python objects other than tensors/containers/numpy arrays and would need full unpickling."""
 
 
 class UnknownObject:

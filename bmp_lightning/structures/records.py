@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from bmp_lightning.structures.keypoints import NUM_KEYPOINTS
+from bmp_lightning.structures.masks import RleMask, segmentation_to_mask
 
 
 class BadSampleError(ValueError):
@@ -112,7 +113,6 @@ class PersonRecord:
         :class:`~bmp_lightning.structures.masks.RleMask` that decodes only the pixel boxes read from it."""
         if not self.has_mask:
             return None
-        from bmp_lightning.structures.masks import RleMask, segmentation_to_mask
 
         if height is None or width is None:
             if self.image_size is None:

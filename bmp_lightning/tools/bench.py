@@ -13,6 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import bmp_lightning.data.datasets as datasets
+import bmp_lightning.data.transforms as transforms
+import bmp_lightning.structures.records as records
+from bmp_lightning.data.codec import UDPHeatmap
+from bmp_lightning.data.datasets import TopDownPoseDataset
+from bmp_lightning.data.readers import read_coco_keypoints
+from bmp_lightning.data.transforms import Compose, build_pose_pipeline
+from bmp_lightning.models.components.pose_net import vitpose_tiny
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.tools.bench_pose import sample_scene
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
 
@@ -36,9 +47,6 @@ PIPELINES = [("train", "ViTPose"), ("train", "MaskPose"), ("val", "ViTPose"), ("
 def pose_dataset(split: str, model: str, reference: bool = False):
     """The dataset a PoseDataModule builds for ``split``/``model`` on the 12 people of the shared COCO sample: the
     paper recipe (no photometric augmentation, as MMPose's config), uint8 crops (normalised on the device)."""
-    from bmp_lightning.data.datasets import TopDownPoseDataset
-    from bmp_lightning.data.readers import read_coco_keypoints
-    from bmp_lightning.data.transforms import build_pose_pipeline
 
     coco = SHARED / "data" / "coco"
     if not coco.is_dir():
@@ -74,10 +82,6 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
     CPU time of this process, so other jobs on the machine do not inflate the figures."""
     from contextlib import ExitStack
     from unittest import mock
-
-    import bmp_lightning.data.datasets as datasets
-    import bmp_lightning.data.transforms as transforms
-    import bmp_lightning.structures.records as records
 
     totals: dict[str, float] = {}
 
@@ -120,10 +124,6 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
 def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
     """PoseEstimator crop preparation for ``n_boxes`` masked people on one image: ms per image region-first and in
     the full-image order (MaskBackground over the whole image per person, then the warp)."""
-    from bmp_lightning.data.transforms import Compose
-    from bmp_lightning.models.components.pose_net import vitpose_tiny
-    from bmp_lightning.pose import PoseEstimator
-    from bmp_lightning.tools.bench_pose import sample_scene
 
     img, boxes, masks, _ = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_tiny(num_keypoints=21, img_size=(256, 192)), use_mask=True, flip_test=False)
@@ -172,7 +172,6 @@ def bench_data() -> None:
     print(f"PoseEstimator crops, 16 masked people on one image: {region:.1f} ms region-first, {full:.1f} ms full-image")
 
     torch.set_num_threads(threads)
-    from bmp_lightning.data.codec import UDPHeatmap
 
     codec = UDPHeatmap()
     n = int(os.environ.get("BENCH_DECODER_N", "1024"))

@@ -18,6 +18,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from bmp_lightning.data.synthetic.scene import sample_scene
+from bmp_lightning.detector import Detector
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
+from bmp_lightning.models.instseg_module import InstSegLitModule, rtmdet_param_groups
+
 
 def _best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync: bool = False) -> float:
     """Best wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
@@ -37,15 +42,12 @@ def _best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync
 
 def _image(seed: int = 0) -> np.ndarray:
     """A 256x320 synthetic crowd scene (RGB uint8): resized to 512x640 by the Detector."""
-    from bmp_lightning.data.synthetic.scene import sample_scene
 
     return sample_scene(np.random.default_rng([seed, 0]), (256, 320)).image
 
 
 def bench_detector(size: str, device: str = "cpu", repeats: int = 3) -> dict[str, float]:
     """``Detector`` s/img at 640 for a random RTMDet-Ins of ``size``: default test config and ``score_thr=0``."""
-    from bmp_lightning.detector import Detector
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
 
     torch.manual_seed(0)
     model = rtmdet_ins(size, num_classes=1)
@@ -62,9 +64,6 @@ def bench_detector(size: str, device: str = "cpu", repeats: int = 3) -> dict[str
 
 def bench_train_step(size: str, batch: int, input_size: int, device: str = "cpu", repeats: int = 3) -> float:
     """Seconds per training step (forward, RTMDet-Ins criterion, backward, AdamW) on a synthetic batch."""
-    from bmp_lightning.data.synthetic.scene import sample_scene
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
-    from bmp_lightning.models.instseg_module import InstSegLitModule, rtmdet_param_groups
 
     torch.manual_seed(0)
     module = InstSegLitModule(rtmdet_ins(size, num_classes=1), ema=True).to(device)

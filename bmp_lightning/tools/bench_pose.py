@@ -19,6 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bmp_lightning.data.codec import keypoint_mse_loss
+from bmp_lightning.data.readers import read_coco_keypoints
+from bmp_lightning.models.components.pose_net import vitpose_b
+from bmp_lightning.models.optim import layer_decay_param_groups
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.structures.io import read_image
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
 
@@ -45,9 +52,6 @@ def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     coco = SHARED / "data" / "coco"
     if (coco / "test_coco.json").is_file():
-        from bmp_lightning.data.readers import read_coco_keypoints
-        from bmp_lightning.structures.io import read_image
-
         records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
         by_image: dict[str, list] = {}
         for rec in records:
@@ -75,8 +79,6 @@ def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 def bench_estimator(device: str = "cpu", n_boxes: int = 16, repeats: int = 3) -> dict[str, float]:
     """``PoseEstimator`` (ViT-B, 21 keypoints, flip test, masks) on one image with ``n_boxes`` boxes -> crops/s."""
-    from bmp_lightning.models.components.pose_net import vitpose_b
-    from bmp_lightning.pose import PoseEstimator
 
     img, boxes, masks, what = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_b(num_keypoints=21), use_mask=True, flip_test=True, device=device, batch_size=64)
@@ -94,9 +96,6 @@ def bench_estimator(device: str = "cpu", n_boxes: int = 16, repeats: int = 3) ->
 
 def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
     """bf16-mixed training img/s of ViT-B (21 keypoints, drop-path 0.3) at 256x192 on the current CUDA device."""
-    from bmp_lightning.data.codec import keypoint_mse_loss
-    from bmp_lightning.models.components.pose_net import vitpose_b
-    from bmp_lightning.models.optim import layer_decay_param_groups
 
     dev = torch.device("cuda")
     net = vitpose_b(num_keypoints=21).to(dev).train()
@@ -121,7 +120,6 @@ def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
 
 def bench_cuda_inference(batch_size: int = 128, steps: int = 10) -> float:
     """Network-only inference crops/s of ViT-B with flip test (2 passes per crop) under bf16 autocast."""
-    from bmp_lightning.models.components.pose_net import vitpose_b
 
     dev = torch.device("cuda")
     net = vitpose_b(num_keypoints=21).to(dev).eval()

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.utils.run import to_json
+from bmp_lightning.structures.files import to_json
 
 log = logging.getLogger("bmp_lightning.virtuous_circle")
 

@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bmp_lightning.interop.hub import WeightsUnavailableError, cached_path, download, hub_weights, known_file
+
 log = logging.getLogger("bmp_lightning.preflight")
 
 
@@ -164,7 +166,6 @@ def _source_for(path: str, root: str | None, images: str | None = None) -> str:
 
 
 def _weights_requirement(key: str, value: str, kind: str, cfg: DictConfig, fetch: bool) -> Requirement | None:
-    from bmp_lightning.interop.hub import WeightsUnavailableError, cached_path, download, hub_weights, known_file
 
     if kind == "checkpoint" and value == "auto":
         return None  # resumes the latest run when there is one
