@@ -16,7 +16,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bmp_lightning.bmp import alias_data_overrides
 from bmp_lightning.utils.preflight import collect_requirements, format_table
 
 TASKS = ("train", "eval", "bmp", "demo")
@@ -28,8 +27,6 @@ def compose_config(task: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     overrides = list(overrides)
-    if task == "bmp":
-        overrides = alias_data_overrides(overrides)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=task):
         return compose(config_name=f"{task}.yaml", overrides=overrides)
 

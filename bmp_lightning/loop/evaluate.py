@@ -1,6 +1,6 @@
 """The BMP evaluation job: the loop over a COCO-format split, scored per iteration (docs/recipes.md#evaluation).
 
-``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
+``python -m bmp_lightning.bmp split=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
 :func:`run_bmp_evaluation`. For every image the loop runs once; after iteration ``k`` the people found so far (the
 loop's ``IterationSnapshot.persons``) are that iteration's predictions. Per iteration the job writes, atomically,
 in ``<run dir>/results/``:
@@ -78,12 +78,12 @@ class EvalSplit:
 
 
 def split_from_config(cfg: Mapping[str, Any]) -> EvalSplit:
-    """An :class:`EvalSplit` from a ``conf/bmp_data`` entry; generates the synthetic split when configured and
+    """An :class:`EvalSplit` from a ``conf/split`` entry; generates the synthetic split when configured and
     missing. Raises ``FileNotFoundError`` naming the missing file."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     missing = [k for k in ("name", "ann_file", "img_dir") if not cfg.get(k)]
     if missing:
-        raise ValueError(f"bmp data config needs {missing} (see conf/bmp_data/)")
+        raise ValueError(f"bmp split config needs {missing} (see conf/split/)")
     ann_file, img_dir = Path(cfg["ann_file"]), Path(cfg["img_dir"])
     synthetic = cfg.get("synthetic")
     if synthetic and not ann_file.is_file():
@@ -278,7 +278,7 @@ def evaluate_image(
 
 
 def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Run the BMP loop over ``cfg.data``, write results / metrics / pictures into ``cfg.paths.output_dir``.
+    """Run the BMP loop over ``cfg.split``, write results / metrics / pictures into ``cfg.paths.output_dir``.
 
     Under ``torchrun`` / ``srun`` (several processes) every rank runs the loop on its share of the images and rank 0
     scores the gathered results in the split's order: the same result files and metrics as one process, plus
@@ -293,7 +293,7 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
         # the ranks' own Hydra run dirs may differ by a timestamp second: everything goes to rank 0's
         out_dir = Path(ctx.broadcast(str(cfg.paths.output_dir)))
         results_dir, vis_dir = out_dir / "results", out_dir / "vis"
-        split = split_from_config(cfg.data) if ctx.is_main else None
+        split = split_from_config(cfg.split) if ctx.is_main else None
         split = ctx.broadcast(split)  # rank 0 generates a missing synthetic split, once
         gt, images = load_ground_truth(split, cfg.get("max_images"))
         ev = cfg.get("eval") or {}

@@ -1,13 +1,14 @@
 """Benchmarks printed by `make bench-*` (never timed tests).
 
-Usage: python -m bmp_lightning.tools.bench data|pose|det|loop
+Usage: python -m bmp_lightning.tools.bench what=data|pose|det|loop
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from bmp_lightning.data.readers import read_coco_keypoints
 from bmp_lightning.data.transforms import Compose, build_pose_pipeline
 from bmp_lightning.models.components.pose_net import vitpose_tiny
 from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.tools import bench_det, bench_loop, bench_pose
 from bmp_lightning.tools.bench_pose import sample_scene
+from bmp_lightning.utils.cli import parse_key_values
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
@@ -181,18 +184,17 @@ def bench_data() -> None:
     print(f"DARK-UDP decoder, batch of {n}x21 heatmaps (CPU, {threads} threads): {n / sec:.0f} instances/s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["data", "pose", "det", "loop"])
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bmp_lightning.tools.bench what=data|pose|det|loop`` (threads: ``BENCH_THREADS``, default 2)."""
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, main.__doc__ or "")
+    what = args.get("what")
+    if what not in BENCHES or set(args) != {"what"}:
+        raise SystemExit(f"usage: {main.__doc__}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    if args.what == "data":
-        bench_data()
-    else:
-        from importlib import import_module
+    BENCHES[what]()
 
-        import_module(f"bmp_lightning.utils.bench_{args.what}").main()
 
+BENCHES = {"data": bench_data, "pose": bench_pose.main, "det": bench_det.main, "loop": bench_loop.main}
 
 if __name__ == "__main__":
     main()

@@ -279,8 +279,8 @@ def test_cli_writes_metrics(coco_json, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(res))
     out = tmp_path / "metrics" / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bmp_lightning.metrics.coco", f"gt={coco_json}", f"results={tmp_path / 'results.json'}",
-         f"out={out}"],
+        [sys.executable, "-m", "bmp_lightning.tools.coco_eval", f"gt={coco_json}",
+         f"results={tmp_path / 'results.json'}", f"out={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -292,6 +292,6 @@ def test_cli_writes_metrics(coco_json, tmp_path):
 
 def test_cli_rejects_bad_arguments(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "bmp_lightning.metrics.coco", "gt=x.json"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "bmp_lightning.tools.coco_eval", "gt=x.json"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "required" in proc.stderr
