@@ -33,7 +33,7 @@ from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet
 from bmp_lightning.interop.mmpose import NUM_PATCHES_256x192, convert_mmpose_vitpose
 from bmp_lightning.interop.pose_weights import export_pose_weights, infer_net_kwargs
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import build_rtmdet_ins, infer_rtmdet_ins_config
-from bmp_lightning.structures.checkpoint import LoadReport, load_state_dict_report, safe_load
+from bmp_lightning.structures.checkpoint import LoadReport, extract_state_dict, load_state_dict_report, safe_load
 from bmp_lightning.structures.errors import UnsafeCheckpointError
 from bmp_lightning.structures.files import atomic_torch_save
 from bmp_lightning.utils.cli import parse_key_values
@@ -60,17 +60,12 @@ class ConvertResult:
 
 
 def _tensors(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor mapping of a checkpoint (``state_dict`` / ``model`` / ``module`` / bare), ``module.`` stripped."""
-    if not isinstance(obj, Mapping):
+    """The tensor mapping of a checkpoint (``state_dict`` / ``model`` / ``module`` / bare), ``module.`` stripped;
+    empty when there is none."""
+    try:
+        return extract_state_dict(obj)
+    except ValueError:
         return {}
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
 
 
 def detect_kind(checkpoint: Mapping[str, Any]) -> Kind:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bmp_lightning.structures.checkpoint import safe_load
+from bmp_lightning.structures.checkpoint import extract_state_dict, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,7 @@ _SKIPPED = re.compile(r"^(data_preprocessor\.|head\.rtm_obj\.)")
 
 def _state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``checkpoint['state_dict']`` when present (MMEngine layout), else the mapping itself; tensors only."""
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"expected an MMDetection checkpoint dict, got {type(checkpoint).__name__}")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    if not sd:
-        raise ValueError("no tensors found under 'state_dict' of the checkpoint")
-    return sd
+    return extract_state_dict(checkpoint, keys=("state_dict",))
 
 
 def is_mmdet_rtmdet_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -178,10 +170,7 @@ def rtmdet_state_dict(checkpoint: Mapping[str, Any], num_classes: int | None = N
     ``bbox_head.`` keys, converted by :func:`convert_mmdet_rtmdet`).
     ``num_classes`` smaller than the checkpoint's keeps the first classes (person = 0 on COCO).
     """
-    sd = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(sd, Mapping):
-        raise ValueError("checkpoint has no state dict")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = extract_state_dict(checkpoint, keys=("state_dict",))
     anchor = "backbone.stem.0.conv.weight"
     prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
     if not prefixes:

@@ -16,7 +16,7 @@ from bmp_lightning.interop.hub import resolve_weights
 from bmp_lightning.interop.mmpose import convert_mmpose_vitpose
 from bmp_lightning.interop.timm_init import load_mae_init
 from bmp_lightning.models.components import pose_net
-from bmp_lightning.structures.checkpoint import load_state_dict_report, safe_load
+from bmp_lightning.structures.checkpoint import extract_state_dict, load_state_dict_report, safe_load
 from bmp_lightning.structures.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def read_pose_weights(
     ):
         hp = obj.get("hyper_parameters", {}) or {}
         meta.update(source="lightning", use_mask=hp.get("use_mask"), net_config=obj.get("net_config"))
-        sd = {k[4:]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
+        sd = extract_state_dict(obj, keys=("state_dict",), prefix="net.")
         return sd, meta
     if isinstance(obj, dict) and "net_config" in obj and "state_dict" in obj:  # our export
         meta.update(source="ours", use_mask=obj.get("use_mask"), net_config=obj["net_config"])

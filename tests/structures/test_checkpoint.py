@@ -5,9 +5,16 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from bmp_lightning.structures.checkpoint import UnknownObject, _numpy_globals, _placeholder_globals, safe_load
+from bmp_lightning.structures.checkpoint import (
+    UnknownObject,
+    _numpy_globals,
+    _placeholder_globals,
+    extract_state_dict,
+    safe_load,
+)
 
 
 class HubHistory:  # stands in for MMEngine's message_hub objects
@@ -40,3 +47,19 @@ def test_loads_identically_under_different_hash_seeds(tmp_path):
     for seed in ("0", "1", "2", "3", "4", "5"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env, capture_output=True)
+
+
+def test_extract_state_dict_reads_every_layout():
+    """The one state-dict reader: Lightning (``state_dict`` + ``net.``), MMEngine (``state_dict``), Meta
+    (``model``), DDP-wrapped (``module.`` on every key), bare; non-tensors dropped."""
+    w = {"a.weight": torch.ones(2), "b.bias": torch.zeros(1)}
+    lightning = {"state_dict": {**{f"net.{k}": v for k, v in w.items()}, "ema.x": torch.ones(1)}, "epoch": 3}
+    assert extract_state_dict(lightning, keys=("state_dict",), prefix="net.").keys() == w.keys()
+    assert extract_state_dict({"state_dict": w, "meta": {"epoch": 1}}).keys() == w.keys()
+    assert extract_state_dict({"model": w}).keys() == w.keys()
+    assert extract_state_dict({f"module.{k}": v for k, v in w.items()}).keys() == w.keys()
+    assert extract_state_dict({**w, "step": 5}).keys() == w.keys()
+    with pytest.raises(ValueError, match="under 'net.'"):
+        extract_state_dict({"state_dict": w}, prefix="net.")
+    with pytest.raises(ValueError, match="expected a dict of tensors"):
+        extract_state_dict([1, 2])
