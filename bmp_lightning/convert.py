@@ -32,6 +32,7 @@ from bmp_lightning.interop.hub import HUB_WEIGHTS, WEIGHTS_DIR, hub_weights, res
 from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet
 from bmp_lightning.interop.mmpose import NUM_PATCHES_256x192, convert_mmpose_vitpose
 from bmp_lightning.interop.pose_weights import export_pose_weights, infer_net_kwargs
+from bmp_lightning.models.components.pose_net import VITPOSE_SIZES
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import build_rtmdet_ins, infer_rtmdet_ins_config
 from bmp_lightning.structures.checkpoint import LoadReport, extract_state_dict, load_state_dict_report, safe_load
 from bmp_lightning.structures.errors import UnsafeCheckpointError
@@ -41,11 +42,9 @@ from bmp_lightning.utils.cli import parse_key_values
 log = logging.getLogger("bmp_lightning.convert")
 
 Kind = Literal["pose", "det"]
-# (width, depth) -> (preset, attention heads) of the ViTPose presets in bmp_lightning.models.components.pose_net
+# (width, depth) -> (preset, attention heads) of the ViTPose presets (pose_net's size table)
 _POSE_PRESETS: dict[tuple[int, int], tuple[str, int]] = {
-    (384, 12): ("vitpose_s", 12),
-    (768, 12): ("vitpose_b", 12),
-    (1024, 24): ("vitpose_l", 16),
+    (s.embed_dim, s.depth): (name, s.num_heads) for name, s in VITPOSE_SIZES.items()
 }
 
 
@@ -90,7 +89,7 @@ def detect_kind(checkpoint: Mapping[str, Any]) -> Kind:
 def pose_net_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
     """The Hydra config of the network that matches converted pose weights (what ``PoseEstimator`` rebuilds).
 
-    A ViTPose preset (S / B / L at 256x192 with 256-channel deconvs) when the widths and depth match one; otherwise
+    A ViTPose preset (S / B / L / H at 256x192 with 256-channel deconvs) when the widths and depth match one; otherwise
     ``vitpose_tiny`` with every dimension spelled out. The head count is not in the weights (qkv is fused): presets
     know theirs, otherwise ``num_heads`` or a 64-dim-head guess is used.
     """

@@ -89,8 +89,7 @@ def infer_net_kwargs(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return dict(
         embed_dim=embed_dim,
         depth=depth,
-        # not stored in the weights: MMPose's ViT-S/B/L/H presets, else 64-dim heads
-        num_heads={384: 12, 768: 12, 1024: 16, 1280: 16}.get(embed_dim, max(1, embed_dim // 64)),
+        num_heads=pose_net.vitpose_num_heads(embed_dim),  # not stored in the weights (qkv is fused)
         deconv_channels=tuple(deconv),
         num_keypoints=num_keypoints,
         img_size=img_size,
