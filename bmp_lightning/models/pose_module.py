@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
+from bmp_lightning.data.codec import UDPHeatmap, flip_test_heatmaps, keypoint_mse_loss
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
 from bmp_lightning.interop.pose_weights import load_pose_weights
 from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
@@ -112,21 +112,14 @@ class PoseLitModule(L.LightningModule):
     def predict_heatmaps(self, img: torch.Tensor, flip_test: bool | None = None) -> torch.Tensor:
         """Heatmaps, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no shift)."""
         flip_test = self.hparams.flip_test if flip_test is None else flip_test
-        img = self.normalize(img)
-        if not flip_test:
-            return self.net(img)
-        both = self.net(torch.cat([img, img.flip(-1)], 0))
-        hm, hm_flip = both.chunk(2, 0)
-        return 0.5 * (hm + flip_heatmaps(hm_flip, self.flip_indices()))
+        return flip_test_heatmaps(self.net, self.normalize(img), self.flip_indices(), flip_test)
 
     @torch.no_grad()
     def decode(
         self, heatmaps: torch.Tensor, center: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps -> keypoints (B,K,2) in image pixels and scores (B,K) (DARK-UDP)."""
-        kpts, scores = self.codec.decode(heatmaps.float())
-        kpts = keypoints_to_image(kpts, center.to(kpts), scale.to(kpts), self.codec.input_size)
-        return kpts, scores
+        return self.codec.decode_to_image(heatmaps, center, scale)
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
