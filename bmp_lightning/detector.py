@@ -22,7 +22,6 @@ import torch
 
 from bmp_lightning.interop.hub import resolve_weights
 from bmp_lightning.interop.mmdet import rtmdet_state_dict
-from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, build_rtmdet_ins, infer_rtmdet_ins_config
 from bmp_lightning.structures.checkpoint import safe_load
 from bmp_lightning.structures.io import as_rgb_array
@@ -153,14 +152,10 @@ class Detector:
         for start in range(0, len(arrays), self.batch_size):
             chunk = arrays[start : start + self.batch_size]
             x, scales = self.preprocess(chunk)
-            out = self.model(x)
-            dets = postprocess(
-                out,
-                tuple(x.shape[-2:]),
+            dets = self.model.predict(
+                x,
                 [im.shape[:2] for im in chunk],
                 scales,
-                strides=self.model.strides,
-                mask_stride=self.model.strides[0],
                 score_thr=self.score_thr,
                 nms_pre=self.nms_pre,
                 nms_iou=self.nms_iou,

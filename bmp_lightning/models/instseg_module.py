@@ -33,7 +33,6 @@ from bmp_lightning.interop.hub import resolve_weights
 from bmp_lightning.interop.mmdet import rtmdet_state_dict
 from bmp_lightning.metrics.detection import CocoDetectionEvaluator
 from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion
-from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 from bmp_lightning.models.ema import ExpMomentumEMA
 from bmp_lightning.models.optim import train_steps_per_epoch
 from bmp_lightning.structures.checkpoint import safe_load
@@ -311,23 +310,20 @@ class InstSegLitModule(L.LightningModule):
         x = self.normalize(batch["img"])
         was_training = net.training
         net.eval()  # BN on running statistics, whatever mode the caller is in
-        out = net(x)
-        net.train(was_training)
-        out = {k: ([t.float() for t in v] if isinstance(v, (list, tuple)) else v.float()) for k, v in out.items()}
         meta = batch["meta"]
-        return postprocess(
-            out,
-            tuple(x.shape[-2:]),
-            [tuple(m["ori_shape"]) for m in meta],
-            [tuple(m["scale_factor"]) for m in meta],
-            strides=net.strides,
-            mask_stride=net.strides[0],
-            score_thr=self.hparams.score_thr,
-            nms_pre=self.hparams.nms_pre,
-            nms_iou=self.hparams.nms_iou,
-            max_per_img=self.hparams.max_per_img,
-            mask_thr=self.hparams.mask_thr,
-        )
+        try:
+            return net.predict(
+                x,
+                [tuple(m["ori_shape"]) for m in meta],
+                [tuple(m["scale_factor"]) for m in meta],
+                score_thr=self.hparams.score_thr,
+                nms_pre=self.hparams.nms_pre,
+                nms_iou=self.hparams.nms_iou,
+                max_per_img=self.hparams.max_per_img,
+                mask_thr=self.hparams.mask_thr,
+            )
+        finally:
+            net.train(was_training)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         dets = self.predict_batch(batch)
