@@ -4,7 +4,7 @@ layer or one below, and executables live in the executable layer only.
 Layers, bottom to top (docs/README.md#layout-of-the-package):
 
 0. ``structures`` (keypoint schema, person records, image / mask I/O, mask-out, checkpoint reading, errors, atomic
-   files) and the plain helpers ``utils.common`` / ``utils.cli``;
+   files) and the plain helpers ``utils.common`` / ``utils.cli`` / ``utils.timing``;
 1. ``data``, ``metrics``, ``models.components`` and ``utils.visualize`` (drawing);
 2. the LightningModules and their training machinery (``models``, ``utils``), ``interop`` (weights);
 3. the inference APIs: ``pose``, ``detector``, ``loop``;
@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "bmp_lightning.structures": 0,
     "bmp_lightning.utils.common": 0,
     "bmp_lightning.utils.cli": 0,
+    "bmp_lightning.utils.timing": 0,
     "bmp_lightning.data": 1,
     "bmp_lightning.metrics": 1,
     "bmp_lightning.models.components": 1,

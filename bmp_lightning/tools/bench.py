@@ -26,20 +26,10 @@ from bmp_lightning.pose import PoseEstimator
 from bmp_lightning.tools import bench_det, bench_loop, bench_pose
 from bmp_lightning.tools.bench_pose import sample_scene
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.timing import best_time
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
-
-
-def _timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # MMPose 1.3.2 with its ViTPose-B config on the same 12 people, single process (issue 10's side-by-side figures)
@@ -137,8 +127,8 @@ def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
         for box, mask in zip(boxes, masks, strict=True):
             full({"img": img, "bbox": box, "mask": mask, **zeros}, np.random.default_rng(0))
 
-    region = _timeit(lambda: est._crops(img, boxes, list(masks)), repeats=7)
-    reference = _timeit(full_order, repeats=7)
+    region = best_time(lambda: est._crops(img, boxes, list(masks)), repeats=7)
+    reference = best_time(full_order, repeats=7)
     return 1e3 * region, 1e3 * reference
 
 
@@ -179,7 +169,7 @@ def bench_data() -> None:
     codec = UDPHeatmap()
     n = int(os.environ.get("BENCH_DECODER_N", "1024"))
     hm = torch.rand(n, 21, 64, 48)
-    sec = _timeit(lambda: codec.decode(hm))
+    sec = best_time(lambda: codec.decode(hm))
     threads = torch.get_num_threads()
     print(f"DARK-UDP decoder, batch of {n}x21 heatmaps (CPU, {threads} threads): {n / sec:.0f} instances/s")
 

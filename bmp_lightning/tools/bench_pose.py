@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +23,10 @@ from bmp_lightning.models.components.pose_net import vitpose_b
 from bmp_lightning.models.optim import layer_decay_param_groups
 from bmp_lightning.pose import PoseEstimator
 from bmp_lightning.structures.io import read_image
+from bmp_lightning.utils.timing import best_time
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
-
-
-def _best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync: bool = False) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (CUDA synchronised when ``sync``)."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], str]:
@@ -83,8 +66,8 @@ def bench_estimator(device: str = "cpu", n_boxes: int = 16, repeats: int = 3) ->
     img, boxes, masks, what = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_b(num_keypoints=21), use_mask=True, flip_test=True, device=device, batch_size=64)
     sync = device.startswith("cuda")
-    total = _best_time(lambda: est(img, boxes, masks), repeats=repeats, sync=sync)
-    prep = _best_time(lambda: est._crops(img, boxes, masks), repeats=repeats)
+    total = best_time(lambda: est(img, boxes, masks), repeats=repeats, sync=sync)
+    prep = best_time(lambda: est._crops(img, boxes, masks), repeats=repeats)
     print(f"  input: {what}, {n_boxes} boxes, MaskPose masks, flip test")
     print(
         f"  PoseEstimator end to end ({device}): {n_boxes / total:8.1f} crops/s  ({1000 * total / n_boxes:.1f} ms/crop)"
@@ -112,7 +95,7 @@ def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec = _best_time(lambda: [step() for _ in range(steps)], repeats=2, warmup=1, sync=True)
+    sec = best_time(lambda: [step() for _ in range(steps)], repeats=2, warmup=1, sync=True)
     rate = batch_size * steps / sec
     print(f"  training, bf16-mixed, batch {batch_size}: {rate:8.1f} img/s  ({1000 * sec / steps:.0f} ms/step)")
     return rate
@@ -131,7 +114,7 @@ def bench_cuda_inference(batch_size: int = 128, steps: int = 10) -> float:
             for _ in range(steps):
                 net(torch.cat([x, x.flip(-1)]))
 
-    sec = _best_time(run, repeats=2, warmup=1, sync=True)
+    sec = best_time(run, repeats=2, warmup=1, sync=True)
     rate = batch_size * steps / sec
     print(f"  inference, network only, bf16, flip test, batch {batch_size}: {rate:8.1f} crops/s")
     return rate
