@@ -123,7 +123,7 @@ def save_tiny_random_checkpoints(out_dir: str | os.PathLike, seed: int = 0) -> d
 
 
 # ---------------------------------------------------------------------------------------------- loaders
-def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_detector(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``Detector`` from a name (``rtmdet-l-bmp``), a checkpoint path (ours, Lightning ``.ckpt``, MMDetection
     ``.pth``), ``tiny_random``, or
     an existing detector object (returned as is). ``opts`` go to ``Detector`` (``input_size``, ``num_classes``,
@@ -136,7 +136,7 @@ def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         )
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("num_classes", None)
         kw.setdefault("input_size", 320)
@@ -148,7 +148,7 @@ def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
     return Detector.from_checkpoint(spec, device=device, **kw)
 
 
-def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_pose(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``PoseEstimator`` from a name (``maskpose-b``, ``vitpose-b-multi``), a checkpoint path (ours, Lightning
     ``.ckpt``, MMPose ``.pth``), ``tiny_random``, or
     an existing estimator (returned as is). ``opts`` go to ``PoseEstimator`` (``use_mask``, ``flip_test``,
@@ -161,7 +161,7 @@ def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         )
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("preset", None)
         use_mask = kw.pop("use_mask", True)
@@ -176,7 +176,7 @@ def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
     return PoseEstimator.from_checkpoint(spec, device=device, **kw)
 
 
-def load_segmenter(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_segmenter(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``Sam2Segmenter`` from a name (``sam2.1-b+``: Meta's checkpoint), a Meta ``.pt`` file, a Hugging Face
     repository or local directory in transformers format, or ``tiny_random``;
     ``None`` / ``none`` gives ``None`` (the loop then needs ``loop.segmenter=none``).
@@ -189,7 +189,7 @@ def load_segmenter(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         return None
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("local_files_only", None)
         return Sam2Segmenter.tiny_random(seed=int(kw.pop("seed", 0)), device=device, **kw)
@@ -211,9 +211,9 @@ def build_bmp(
     """``BMP`` from model specs (see the loaders); SAM is loaded only when ``loop.segmenter == 'sam2'``."""
 
     cfg = resolve_loop_config(loop)
-    det = load_detector(detector, device, **_opts(detector_opts))
-    pose_model = load_pose(pose, device, **_opts(pose_opts))
-    seg = load_segmenter(sam, device, **_opts(sam_opts)) if cfg.segmenter == "sam2" else None
+    det = load_detector(detector, device, detector_opts)
+    pose_model = load_pose(pose, device, pose_opts)
+    seg = load_segmenter(sam, device, sam_opts) if cfg.segmenter == "sam2" else None
     if cfg.segmenter == "sam2" and seg is None:
         raise ValueError(
             "loop.segmenter=sam2 needs sam=<name or path> (or sam=tiny_random); or set loop.segmenter=none"

@@ -210,8 +210,8 @@ def resolve_device(device: str | None) -> str:
 
 
 def build_loop_from_config(cfg: DictConfig, device: str | None = None):
-    """The ``BMP`` of a job config (``detector``, ``pose``, ``sam``, ``loop``, ``device``, ``*_opts``); ``device``
-    overrides the config's (a distributed rank's own GPU)."""
+    """The ``BMP`` of a job config: the models of its ``models`` node (partial loaders, conf/bmp_models/) called
+    with the device, and its ``loop``; ``device`` overrides the config's (a distributed rank's own GPU)."""
     import hydra
 
     loop_cfg = cfg.loop
@@ -219,16 +219,12 @@ def build_loop_from_config(cfg: DictConfig, device: str | None = None):
         loop = hydra.utils.instantiate(loop_cfg)
     else:
         loop = resolve_loop_config(loop_cfg)
-    return build_bmp(
-        cfg.get("detector"),
-        cfg.get("pose"),
-        cfg.get("sam"),
-        loop=loop,
-        device=device or resolve_device(cfg.get("device")),
-        detector_opts=cfg.get("detector_opts"),
-        pose_opts=cfg.get("pose_opts"),
-        sam_opts=cfg.get("sam_opts"),
-    )
+    device = device or resolve_device(cfg.get("device"))
+    models = cfg.models
+    detector = hydra.utils.instantiate(models.detector)(device=device)
+    pose = hydra.utils.instantiate(models.pose)(device=device)
+    sam = hydra.utils.instantiate(models.sam)(device=device) if loop.segmenter == "sam2" else None
+    return build_bmp(detector, pose, sam, loop=loop, device=device)
 
 
 def _progress(items: list, desc: str, disable: bool = False):

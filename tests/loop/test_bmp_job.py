@@ -256,3 +256,21 @@ def test_job_on_the_real_coco_samples(tmp_path, shared_dir, tiny_ckpts):
         assert {b["image_id"] for b in boxes} == {785, 40083, 196141, 197388}
         # eval.det_score=instance: box results are ranked by the keypoint instance score
         assert sorted(b["score"] for b in boxes) == pytest.approx(sorted(e["score"] for e in kps))
+
+
+def test_bmp_and_demo_share_the_model_loaders(cfg_bmp, tmp_path):
+    """One ``bmp_models`` group: the job and the demo compose the same partial loaders, and the job's models are
+    built through them (a ``_target_`` swapped in the config is what runs)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_job
+
+    bmp = cfg_bmp("detector=tiny_random", "pose=tiny_random", "sam=tiny_random", "detector_opts.input_size=256")
+    demo = compose_job("demo.yaml", "detector=tiny_random", "pose=tiny_random", "sam=tiny_random",
+                       "detector_opts.input_size=256", base_dir=tmp_path)  # fmt: skip
+    assert OmegaConf.to_container(bmp.models, resolve=True) == OmegaConf.to_container(demo.models, resolve=True)
+    assert bmp.models.detector._target_ == "bmp_lightning.loop.build.load_detector"
+    loop = bmp_eval.build_loop_from_config(bmp, device="cpu")
+    assert loop.detector.input_size == 256 and loop.segmenter is not None
+    none = cfg_bmp("detector=tiny_random", "pose=tiny_random", "loop.segmenter=none", "sam=null")
+    assert bmp_eval.build_loop_from_config(none, device="cpu").segmenter is None
