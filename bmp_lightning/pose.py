@@ -24,7 +24,7 @@ from bmp_lightning.data.transforms import GetBBoxCenterScale, MaskBackground, To
 from bmp_lightning.interop.hub import hub_weights, resolve_weights
 from bmp_lightning.interop.pose_weights import build_net_from_weights
 from bmp_lightning.structures.io import as_rgb_array
-from bmp_lightning.structures.keypoints import FLIP_INDICES
+from bmp_lightning.structures.keypoints import flip_indices_for
 
 log = logging.getLogger(__name__)
 
@@ -172,4 +172,4 @@ class PoseEstimator:
     pose = __call__
 
     def _heatmaps(self, x: torch.Tensor) -> torch.Tensor:
-        return flip_test_heatmaps(self.net, x, FLIP_INDICES, self.flip_test)
+        return flip_test_heatmaps(self.net, x, flip_indices_for, self.flip_test)

@@ -202,15 +202,20 @@ class UDPHeatmap:
 
 
 def flip_test_heatmaps(
-    net: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, flip_indices: Sequence[int], flip_test: bool = True
+    net: Callable[[torch.Tensor], torch.Tensor],
+    img: torch.Tensor,
+    flip_indices: Sequence[int] | Callable[[int], Sequence[int]],
+    flip_test: bool = True,
 ) -> torch.Tensor:
     """Heatmaps of normalised crops, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no
     shift under UDP) when ``flip_test``: the one flip test of validation (``PoseLitModule``) and ``PoseEstimator``.
-    ``flip_indices`` of the schema, cut to the network's heatmap count (a 17-keypoint head: the COCO slots)."""
+    ``flip_indices``: the permutation (cut to the network's heatmap count: a 17-keypoint head takes the COCO slots),
+    or a function of the heatmap count (``structures.keypoints.flip_indices_for``, the registered schemas)."""
     if not flip_test:
         return net(img)
     hm, hm_flip = net(torch.cat([img, img.flip(-1)], 0)).chunk(2, 0)
-    return 0.5 * (hm + flip_heatmaps(hm_flip, list(flip_indices)[: hm.shape[1]]))
+    idx = flip_indices(hm.shape[1]) if callable(flip_indices) else list(flip_indices)[: hm.shape[1]]
+    return 0.5 * (hm + flip_heatmaps(hm_flip, idx))
 
 
 def flip_heatmaps(heatmaps: torch.Tensor | np.ndarray, flip_indices: Sequence[int]) -> torch.Tensor | np.ndarray:

@@ -44,14 +44,7 @@ from bmp_lightning.data.crop import (
     warp_region,
 )
 from bmp_lightning.data.mask_perturb import perturb_mask, perturb_mask_region
-from bmp_lightning.structures.keypoints import (
-    COCO_FLIP_INDICES,
-    FLIP_INDICES,
-    LOWER_BODY_IDS,
-    NUM_COCO_KEYPOINTS,
-    NUM_KEYPOINTS,
-    UPPER_BODY_IDS,
-)
+from bmp_lightning.structures.keypoints import schema_for
 from bmp_lightning.structures.records import BadSampleError
 
 __all__ = [
@@ -91,12 +84,11 @@ def truncated_normal(rng: np.random.Generator, size: int | tuple[int, ...], low:
 def _schema(sample: Sample) -> tuple[list[int], list[int], list[int]]:
     """flip indices, upper ids, lower ids of the sample (its own keys, else the schema defaults)."""
     k = len(sample["keypoints"])
-    if k == NUM_KEYPOINTS:
-        flip, upper, lower = FLIP_INDICES, UPPER_BODY_IDS, LOWER_BODY_IDS
-    elif k == NUM_COCO_KEYPOINTS:
-        flip = COCO_FLIP_INDICES
-        upper = tuple(i for i in UPPER_BODY_IDS if i < k)
-        lower = tuple(i for i in LOWER_BODY_IDS if i < k)
+    schema = schema_for(k)  # the registered schema of this count (21, or its COCO part 17)
+    if schema is not None:
+        flip = schema.flip_indices(k)
+        upper = tuple(i for i in schema.upper_body if i < k)
+        lower = tuple(i for i in schema.lower_body if i < k)
     else:
         flip = upper = lower = None
     flip = sample.get("flip_indices", flip)

@@ -27,7 +27,7 @@ from bmp_lightning.models.optim import (
     train_steps_per_epoch,
 )
 from bmp_lightning.models.pose_eval import evaluate_val_sets
-from bmp_lightning.structures.keypoints import FLIP_INDICES, NUM_KEYPOINTS
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, flip_indices_for
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,
@@ -129,7 +129,7 @@ class PoseLitModule(L.LightningModule):
         return int(self.net.num_keypoints) if hasattr(self.net, "num_keypoints") else NUM_KEYPOINTS
 
     def flip_indices(self) -> list[int]:
-        return list(FLIP_INDICES[: self.num_keypoints])
+        return list(flip_indices_for(self.num_keypoints))
 
     @torch.no_grad()
     def predict_heatmaps(self, img: torch.Tensor, flip_test: bool | None = None) -> torch.Tensor:
