@@ -198,3 +198,15 @@ def test_no_module_level_import_cycle() -> None:
     # a package importing its own submodules (loop/__init__ re-exports) is not a cycle unless a submodule imports
     # the package back
     assert cycles == []
+
+
+def test_tools_take_shared_helpers_from_below_not_from_jobs():
+    """The device and thread helpers live in utils.common (layer 0); no tool imports from the BMP job's module."""
+    hits = [
+        f"{mod}:{line}"
+        for mod, path in MODULES.items()
+        if mod.startswith("bmp_lightning.tools.")
+        for target, line, _ in imports(path)
+        if target == "bmp_lightning.loop.evaluate"
+    ]
+    assert hits == []

@@ -50,6 +50,7 @@ from bmp_lightning.structures.files import atomic_write_json
 from bmp_lightning.structures.io import read_image
 from bmp_lightning.structures.keypoints import NUM_COCO_KEYPOINTS
 from bmp_lightning.structures.records import BadSampleError
+from bmp_lightning.utils.common import resolve_device, set_torch_threads
 from bmp_lightning.utils.distributed import device_for_rank, init_distributed
 from bmp_lightning.utils.run import instantiate_dict
 
@@ -189,26 +190,6 @@ def person_category(gt: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the job
-def apply_torch_threads(threads: int | None) -> None:
-    """``torch_threads`` of a job config: intra-op threads (``None`` keeps torch's default)."""
-    if threads is None:
-        return
-    import torch
-
-    if int(threads) < 1:
-        raise ValueError(f"torch_threads must be >= 1 or null, got {threads}")
-    torch.set_num_threads(int(threads))
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def build_loop_from_config(cfg: DictConfig, device: str | None = None):
     """The ``BMP`` of a job config: the models of its ``models`` node (partial loaders, conf/bmp_models/) called
     with the device, and its ``loop``; ``device`` overrides the config's (a distributed rank's own GPU)."""
@@ -282,7 +263,7 @@ def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
     (also in ``metrics.json``; an empty dict on the other ranks).
     """
 
-    apply_torch_threads(cfg.get("torch_threads"))
+    set_torch_threads(cfg.get("torch_threads"))
     device = resolve_device(cfg.get("device"))
     ctx = init_distributed(device)
     try:
@@ -469,7 +450,6 @@ __all__ = [
     "keypoint_predictions",
     "load_ground_truth",
     "person_box",
-    "resolve_device",
     "run_bmp_evaluation",
     "score_bmp_results",
     "split_from_config",

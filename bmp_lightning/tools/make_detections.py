@@ -48,13 +48,13 @@ from typing import Any
 import numpy as np
 
 from bmp_lightning.loop.build import load_detector
-from bmp_lightning.loop.evaluate import resolve_device
 from bmp_lightning.structures.files import atomic_write_json, to_json
 from bmp_lightning.structures.io import read_image
 from bmp_lightning.structures.masks import mask_to_rle
 from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.tools.make_sam_masks import write_skip_report
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.common import resolve_device
 from bmp_lightning.utils.distributed import DistContext, device_for_rank, init_distributed
 
 log = logging.getLogger("bmp_lightning.make_detections")

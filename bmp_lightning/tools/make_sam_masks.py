@@ -44,13 +44,13 @@ import numpy as np
 
 from bmp_lightning.data.readers import mpii_box
 from bmp_lightning.loop.build import load_segmenter
-from bmp_lightning.loop.evaluate import resolve_device
 from bmp_lightning.loop.segmenter import DEFAULT_SAM2
 from bmp_lightning.structures.files import atomic_write_json
 from bmp_lightning.structures.io import read_image
 from bmp_lightning.structures.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.common import resolve_device
 from bmp_lightning.utils.distributed import DistContext, device_for_rank, init_distributed
 
 log = logging.getLogger("bmp_lightning.make_sam_masks")

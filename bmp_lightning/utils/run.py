@@ -129,21 +129,6 @@ def log_hyperparameters(cfg: DictConfig, model: Any, loggers: list[Any]) -> None
         lg.log_hyperparams(hp)
 
 
-def set_torch_threads(threads: int | None) -> None:
-    """Intra-op threads of this process (None: leave torch's default, one per core).
-
-    On a small CPU machine the default oversubscribes the cores once DataLoader workers run beside the training
-    process, and OpenMP's spinning threads then slow a step down several times; 1 is right for CPU smoke runs.
-    """
-    if threads is None:
-        return
-    import torch
-
-    if int(threads) < 1:
-        raise ValueError(f"torch_threads must be >= 1 or null, got {threads}")
-    torch.set_num_threads(int(threads))
-
-
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     """The optimised metric for sweepers; a clear error if it was never logged."""
     if not name:
