@@ -183,7 +183,7 @@ def test_requeue_ckpt_path_picks_the_newest_own_checkpoint(tmp_path: Path, monke
 
 
 # ----------------------------------------------------------------------------------------------- local executor
-@pytest.mark.slow  # 45-70 s on 2 shared cores: two training processes beside the launcher
+# ~30 s (two training processes beside the launcher): kept in the default suite so CI runs the local sweep
 def test_submitit_local_two_job_sweep(synthetic_pose_data_dir: Path, tmp_path: Path) -> None:
     """``hydra/launcher=submitit_local``: the plugin's local executor runs a 2-job sweep, one process per job."""
     sweep = tmp_path / "sweep"
