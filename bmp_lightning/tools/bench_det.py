@@ -7,7 +7,7 @@
 - RTMDet-Ins-tiny training step (forward, criterion with assignment, backward, AdamW) on a synthetic batch.
 - CUDA (when available): the same for RTMDet-Ins-L, training under bf16 autocast.
 
-    python -m bmp_lightning.tools.bench det        # BENCH_THREADS=2 by default
+    python -m bmp_lightning.tools.bench what=det     # BENCH_THREADS=2 by default
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ rest in iteration 2, with their keypoints (score 0.9) so that SAM gets its 6 pro
 work of a real crowded image. With given weights (``BENCH_DETECTOR`` and ``BENCH_POSE``) the models' own outputs
 are used.
 
-    python -m bmp_lightning.tools.bench loop     # BENCH_THREADS=2, BENCH_IMAGES=3, BENCH_SIZES=tiny,full,
+    python -m bmp_lightning.tools.bench what=loop     # BENCH_THREADS=2, BENCH_IMAGES=3, BENCH_SIZES=tiny,full,
                                                  # BENCH_DEVICE=cpu, BENCH_PEOPLE=8
 """
 

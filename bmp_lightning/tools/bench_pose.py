@@ -6,7 +6,7 @@
 - CUDA (when available): bf16-mixed training img/s (forward, MSE loss, backward, AdamW step) and inference crops/s
   (``PoseEstimator``, fp32 and the network alone under bf16 autocast) of ViT-B.
 
-    python -m bmp_lightning.tools.bench pose        # BENCH_THREADS=2 by default; BENCH_BOXES=16
+    python -m bmp_lightning.tools.bench what=pose     # BENCH_THREADS=2 by default; BENCH_BOXES=16
 """
 
 from __future__ import annotations
