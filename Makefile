@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	# against the torch installed above (no isolated build env downloading another torch); SAM2_BUILD_CUDA=0: no compiler
 	$(PIP) install -c $(CONSTRAINTS) setuptools
 	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation "sam2>=1.1"
-	$(PY) -m bmp_lightning.utils.check_env
+	$(PY) -m bmp_lightning.tools.check_env
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with the pinned dependencies (CPU or GPU machine)
@@ -51,19 +51,19 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff format .
 
 bench-data: install ## data pipeline throughput (samples/s per worker, decoder instances/s)
-	$(PY) -m bmp_lightning.utils.bench data
+	$(PY) -m bmp_lightning.tools.bench what=data
 
 bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA
-	$(PY) -m bmp_lightning.utils.bench pose
+	$(PY) -m bmp_lightning.tools.bench what=pose
 
 bench-loop: install ## BMP loop latency per image: detector / pose / SAM per iteration, tiny and full-size models (CPU)
-	$(PY) -m bmp_lightning.utils.bench loop
+	$(PY) -m bmp_lightning.tools.bench what=loop
 
 bench-det: install ## RTMDet-Ins Detector s/img at 640 (L and tiny, random weights) + tiny train step on CPU; L on CUDA
-	$(PY) -m bmp_lightning.utils.bench det
+	$(PY) -m bmp_lightning.tools.bench what=det
 
 demo: install ## BMP demo offline: synthetic scenes + smoke-trained pose/detector (trained first if absent) -> logs/demo/smoke
-	$(PY) -m bmp_lightning.loop.smoke_demo $(DEMO_ARGS)
+	$(PY) -m bmp_lightning.tools.smoke_demo $(DEMO_ARGS)
 
 smoke: install ## train tiny MaskPose on generated synthetic data, CPU, < 5 min (logs/train/smoke/<time>: W&B offline, CSV, vis/); SMOKE_ARGS=... adds overrides
 	$(PY) -m bmp_lightning.train experiment=smoke $(SMOKE_ARGS)
@@ -79,7 +79,7 @@ sweep: install ## Hydra multirun: make sweep ARGS="experiment=smoke ablation=mas
 eval: install ## evaluate a checkpoint: make eval ARGS="experiment=maskpose_b ckpt_path=..."
 	$(PY) -m bmp_lightning.eval $(ARGS)
 
-bmp: install ## the BMP loop evaluation job: make bmp ARGS="data=ochuman_val detector=... pose=..."
+bmp: install ## the BMP loop evaluation job: make bmp ARGS="split=ochuman_val detector=... pose=..."
 	$(PY) -m bmp_lightning.bmp $(ARGS)
 
 clean: ## remove caches and build files (keeps .venv and logs)

@@ -1,16 +1,12 @@
-"""The BMP evaluation job: ``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt>``.
+"""The BMP evaluation job: ``python -m bmp_lightning.bmp split=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt>``.
 
 Runs detector -> MaskPose -> SAM 2 -> mask-out for ``loop.num_iters`` iterations on every image of a COCO-format
-split and scores each iteration (pose AP, box AP, mask AP). Splits: ``conf/bmp_data/`` (``data=ochuman_val`` etc.);
-offline: ``data=synthetic detector=tiny_random pose=tiny_random sam=tiny_random``. Logic:
+split and scores each iteration (pose AP, box AP, mask AP). Splits: ``conf/split/`` (``split=ochuman_val`` etc.);
+offline: ``split=synthetic detector=tiny_random pose=tiny_random sam=tiny_random``. Logic:
 :mod:`bmp_lightning.loop.evaluate`.
 """
 
 from __future__ import annotations
-
-import re
-import sys
-from collections.abc import Sequence
 
 import hydra
 from omegaconf import DictConfig
@@ -18,14 +14,6 @@ from omegaconf import DictConfig
 from bmp_lightning.loop.evaluate import run_bmp_evaluation
 from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import metric_value, task_wrapper
-
-_DATA_OVERRIDE = re.compile(r"^([~+]{0,2})data=")
-
-
-def alias_data_overrides(args: Sequence[str]) -> list[str]:
-    """``data=X`` -> ``bmp_data@data=X``: the split group is ``conf/bmp_data`` (``conf/data`` holds the training
-    DataModules), placed at the ``data`` key. ``data.root=...`` style overrides pass unchanged."""
-    return [_DATA_OVERRIDE.sub(r"\1bmp_data@data=", a) for a in args]
 
 
 @task_wrapper
@@ -42,5 +30,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = sys.argv[:1] + alias_data_overrides(sys.argv[1:])
     main()

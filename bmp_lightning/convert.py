@@ -28,17 +28,23 @@ from typing import Any, Literal
 
 import torch
 
-from bmp_lightning.interop.checkpoint import LoadReport, UnsafeCheckpointError, load_state_dict_report, safe_load
+from bmp_lightning.interop.hub import HUB_WEIGHTS, WEIGHTS_DIR, hub_weights, resolve_weights
+from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet
+from bmp_lightning.interop.mmpose import NUM_PATCHES_256x192, convert_mmpose_vitpose
+from bmp_lightning.interop.pose_weights import export_pose_weights, infer_net_kwargs
+from bmp_lightning.models.components.pose_net import VITPOSE_SIZES
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import build_rtmdet_ins, infer_rtmdet_ins_config
+from bmp_lightning.structures.checkpoint import LoadReport, extract_state_dict, load_state_dict_report, safe_load
+from bmp_lightning.structures.errors import UnsafeCheckpointError
+from bmp_lightning.structures.files import atomic_torch_save
 from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger("bmp_lightning.convert")
 
 Kind = Literal["pose", "det"]
-# (width, depth) -> (preset, attention heads) of the ViTPose presets in bmp_lightning.models.components.pose_net
+# (width, depth) -> (preset, attention heads) of the ViTPose presets (pose_net's size table)
 _POSE_PRESETS: dict[tuple[int, int], tuple[str, int]] = {
-    (384, 12): ("vitpose_s", 12),
-    (768, 12): ("vitpose_b", 12),
-    (1024, 24): ("vitpose_l", 16),
+    (s.embed_dim, s.depth): (name, s.num_heads) for name, s in VITPOSE_SIZES.items()
 }
 
 
@@ -53,17 +59,12 @@ class ConvertResult:
 
 
 def _tensors(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor mapping of a checkpoint (``state_dict`` / ``model`` / ``module`` / bare), ``module.`` stripped."""
-    if not isinstance(obj, Mapping):
+    """The tensor mapping of a checkpoint (``state_dict`` / ``model`` / ``module`` / bare), ``module.`` stripped;
+    empty when there is none."""
+    try:
+        return extract_state_dict(obj)
+    except ValueError:
         return {}
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
 
 
 def detect_kind(checkpoint: Mapping[str, Any]) -> Kind:
@@ -88,11 +89,10 @@ def detect_kind(checkpoint: Mapping[str, Any]) -> Kind:
 def pose_net_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) -> dict[str, Any]:
     """The Hydra config of the network that matches converted pose weights (what ``PoseEstimator`` rebuilds).
 
-    A ViTPose preset (S / B / L at 256x192 with 256-channel deconvs) when the widths and depth match one; otherwise
+    A ViTPose preset (S / B / L / H at 256x192 with 256-channel deconvs) when the widths and depth match one; otherwise
     ``vitpose_tiny`` with every dimension spelled out. The head count is not in the weights (qkv is fused): presets
     know theirs, otherwise ``num_heads`` or a 64-dim-head guess is used.
     """
-    from bmp_lightning.interop.pose_weights import infer_net_kwargs
 
     kw = infer_net_kwargs(dict(sd))
     preset = _POSE_PRESETS.get((kw["embed_dim"], int(kw["depth"])))
@@ -122,9 +122,6 @@ def _convert_pose(
 ) -> tuple[LoadReport, dict[str, Any]]:
     import hydra
 
-    from bmp_lightning.interop.mmpose import NUM_PATCHES_256x192, convert_mmpose_vitpose
-    from bmp_lightning.interop.pose_weights import export_pose_weights
-
     sd = _tensors(ckpt)
     rows = int(sd["backbone.pos_embed"].shape[1]) if "backbone.pos_embed" in sd else NUM_PATCHES_256x192
     # a 193-row pos_embed carries a cls slot; anything else is the file's own token grid
@@ -145,15 +142,6 @@ def _convert_pose(
 def _convert_det(
     ckpt: Mapping[str, Any], src: Path, out: Path, num_classes: int | None, strict: bool
 ) -> tuple[LoadReport, dict[str, Any]]:
-    try:
-        from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet
-    except ImportError as err:
-        raise RuntimeError(
-            f"{src}: an MMDetection RTMDet checkpoint, but the RTMDet converter (bmp_lightning.interop.mmdet) is not "
-            f"available in this installation ({err})"
-        ) from err
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import build_rtmdet_ins, infer_rtmdet_ins_config
-    from bmp_lightning.utils.run import atomic_torch_save
 
     converted = convert_mmdet_rtmdet(ckpt, num_classes)
     config = infer_rtmdet_ins_config(converted)
@@ -201,7 +189,6 @@ def convert_checkpoint(
         UnsafeCheckpointError: the file references Python classes and ``allow_objects`` is False.
         ValueError: unknown kind, or key mismatches with ``strict``.
     """
-    from bmp_lightning.interop.hub import HUB_WEIGHTS, WEIGHTS_DIR, hub_weights, resolve_weights
 
     named = hub_weights(src)
     if named is None and not Path(src).exists() and "/" in str(src) and not str(src).endswith((".pth", ".pt")):

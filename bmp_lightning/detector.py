@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from bmp_lightning.data.io import as_rgb_array
-from bmp_lightning.interop.mmdet import convert_mmdet_rtmdet, is_mmdet_rtmdet_checkpoint
-from bmp_lightning.models.components.rtmdet.postprocess import postprocess
+from bmp_lightning.interop.hub import resolve_weights
+from bmp_lightning.interop.mmdet import rtmdet_state_dict
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, build_rtmdet_ins, infer_rtmdet_ins_config
+from bmp_lightning.structures.checkpoint import safe_load
+from bmp_lightning.structures.io import as_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +50,6 @@ def resize_pad(
     canvas = np.full((size, size, 3), pad_value, dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
     return canvas, (new_w / w, new_h / h)
-
-
-def _load_file(path: str | Path) -> Any:
-    try:
-        from bmp_lightning.interop.checkpoint import safe_load
-    except ImportError:  # pragma: no cover - fallback while interop.checkpoint is absent
-        return torch.load(path, map_location="cpu", weights_only=True)
-    return safe_load(path, placeholders=True)
-
-
-def rtmdet_state_dict(checkpoint: Mapping[str, Any], num_classes: int | None = None) -> dict[str, torch.Tensor]:
-    """Our ``RTMDetIns`` state dict from any supported checkpoint layout.
-
-    Accepts a bare state dict with our keys, a Lightning checkpoint (``state_dict`` with a ``model.``-like prefix;
-    an EMA copy, i.e. a prefix containing ``ema``, is preferred), or MMDetection weights (detected by their
-    ``bbox_head.`` keys, converted by :func:`~bmp_lightning.interop.mmdet.convert_mmdet_rtmdet`).
-    ``num_classes`` smaller than the checkpoint's keeps the first classes (person = 0 on COCO).
-    """
-    sd = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(sd, Mapping):
-        raise ValueError("checkpoint has no state dict")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    anchor = "backbone.stem.0.conv.weight"
-    prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
-    if not prefixes:
-        raise ValueError(f"not an RTMDet checkpoint: no '*{anchor}' key among {len(sd)} tensors")
-    ema = [p for p in prefixes if "ema" in p.lower()]
-    prefix = ema[0] if ema else min(prefixes, key=len)
-    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    if is_mmdet_rtmdet_checkpoint(sd):
-        return convert_mmdet_rtmdet(sd, num_classes)
-    have = int(sd["head.rtm_cls.0.weight"].shape[0])
-    if num_classes is not None and num_classes < have:
-        sd = {k: (v[:num_classes] if k.startswith("head.rtm_cls.") else v) for k, v in sd.items()}
-    return sd
 
 
 class Detector:
@@ -138,7 +103,7 @@ class Detector:
         ``path`` may be our weights, a Lightning ``.ckpt`` or an official MMDetection ``.pth`` (auto-detected).
         ``num_classes`` below the checkpoint's keeps its first classes (``1`` = person on a COCO model).
         """
-        ckpt = _load_file(path)
+        ckpt = safe_load(path, placeholders=True)
         if not isinstance(ckpt, Mapping):
             raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
         sd = rtmdet_state_dict(ckpt, num_classes)
@@ -158,7 +123,6 @@ class Detector:
         Raises:
             WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
         """
-        from bmp_lightning.interop.hub import resolve_weights
 
         return cls.from_checkpoint(resolve_weights(name, key="detector", kind="detector"), device=device, **kwargs)
 
@@ -188,14 +152,10 @@ class Detector:
         for start in range(0, len(arrays), self.batch_size):
             chunk = arrays[start : start + self.batch_size]
             x, scales = self.preprocess(chunk)
-            out = self.model(x)
-            dets = postprocess(
-                out,
-                tuple(x.shape[-2:]),
+            dets = self.model.predict(
+                x,
                 [im.shape[:2] for im in chunk],
                 scales,
-                strides=self.model.strides,
-                mask_stride=self.model.strides[0],
                 score_thr=self.score_thr,
                 nms_pre=self.nms_pre,
                 nms_iou=self.nms_iou,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from bmp_lightning.utils.preflight import collect_requirements, format_table
+
 TASKS = ("train", "eval", "bmp", "demo")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -25,16 +27,11 @@ def compose_config(task: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     overrides = list(overrides)
-    if task == "bmp":
-        from bmp_lightning.bmp import alias_data_overrides
-
-        overrides = alias_data_overrides(overrides)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=task):
         return compose(config_name=f"{task}.yaml", overrides=overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bmp_lightning.utils.preflight import collect_requirements, format_table
 
     args = list(sys.argv[1:] if argv is None else argv)
     task = args.pop(0) if args and args[0] in TASKS else "train"

@@ -13,16 +13,11 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.utils.common import set_torch_threads
 from bmp_lightning.utils.config_check import check_entry_config
 from bmp_lightning.utils.preflight import preflight
-from bmp_lightning.utils.run import (
-    atomic_write_json,
-    exit_on_user_error,
-    instantiate_dict,
-    resolve_ckpt_path,
-    set_torch_threads,
-    task_wrapper,
-)
+from bmp_lightning.utils.run import exit_on_user_error, instantiate_dict, resolve_ckpt_path, task_wrapper
 
 log = logging.getLogger("bmp_lightning.eval")
 

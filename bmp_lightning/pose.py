@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoints_to_image
+from bmp_lightning.data.codec import UDPHeatmap, flip_test_heatmaps
 from bmp_lightning.data.crop import source_region, warp_region
-from bmp_lightning.data.io import as_rgb_array
-from bmp_lightning.data.keypoints import FLIP_INDICES
+from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
 from bmp_lightning.data.transforms import GetBBoxCenterScale, MaskBackground, TopdownAffine
+from bmp_lightning.interop.hub import hub_weights, resolve_weights
+from bmp_lightning.interop.pose_weights import build_net_from_weights
+from bmp_lightning.structures.io import as_rgb_array
+from bmp_lightning.structures.keypoints import flip_indices_for
 
 log = logging.getLogger(__name__)
-
-MEAN = (123.675, 116.28, 103.53)
-STD = (58.395, 57.12, 57.375)
 
 
 class PoseEstimator:
@@ -63,8 +63,8 @@ class PoseEstimator:
         self._center_scale = GetBBoxCenterScale(padding=1.25)
         self._mask_bg = MaskBackground(alpha=mask_alpha, perturb=False, continue_on_failure=True)
         self._affine = TopdownAffine(input_size=self.input_size)
-        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(IMAGE_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGE_STD, device=self.device).view(1, 3, 1, 1)
 
     @property
     def num_keypoints(self) -> int:
@@ -87,7 +87,6 @@ class PoseEstimator:
         The file is read with ``torch.load(weights_only=True)``: one that pickles other Python objects is refused
         (``UnsafeCheckpointError``) unless ``allow_objects=True``, which keeps them as inert placeholders.
         """
-        from bmp_lightning.interop.pose_weights import build_net_from_weights
 
         net, meta = build_net_from_weights(path, preset=preset, allow_objects=allow_objects)
         if use_mask is None:
@@ -104,7 +103,6 @@ class PoseEstimator:
         Raises:
             WeightsUnavailableError: offline and not cached (names the repository, the file and the command).
         """
-        from bmp_lightning.interop.hub import hub_weights, resolve_weights
 
         w = hub_weights(name)
         if w is not None and w.kind == "pose":
@@ -166,9 +164,7 @@ class PoseEstimator:
             x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2).float()
             x = (x - self._mean) / self._std
             hm = self._heatmaps(x)
-            kpts, scores = self.codec.decode(hm.float())
-            kpts = keypoints_to_image(kpts, torch.from_numpy(centers).to(kpts), torch.from_numpy(scales).to(kpts),
-                                      self.input_size)  # fmt: skip
+            kpts, scores = self.codec.decode_to_image(hm, torch.from_numpy(centers), torch.from_numpy(scales))
             out_k.append(kpts.cpu().numpy())
             out_s.append(scores.cpu().numpy())
         return np.concatenate(out_k), np.concatenate(out_s)
@@ -176,7 +172,4 @@ class PoseEstimator:
     pose = __call__
 
     def _heatmaps(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.flip_test:
-            return self.net(x)
-        hm, hm_flip = self.net(torch.cat([x, x.flip(-1)])).chunk(2)
-        return 0.5 * (hm + flip_heatmaps(hm_flip, list(FLIP_INDICES[: hm.shape[1]])))
+        return flip_test_heatmaps(self.net, x, flip_indices_for, self.flip_test)

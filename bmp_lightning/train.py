@@ -11,17 +11,17 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from bmp_lightning.structures.files import atomic_write_json
 from bmp_lightning.utils.checkpoint_io import remove_stale_tmp_files
+from bmp_lightning.utils.common import set_torch_threads
 from bmp_lightning.utils.config_check import check_entry_config
 from bmp_lightning.utils.preflight import preflight
 from bmp_lightning.utils.run import (
-    atomic_write_json,
     exit_on_user_error,
     instantiate_dict,
     log_hyperparameters,
     metric_value,
     resolve_ckpt_path,
-    set_torch_threads,
     task_wrapper,
 )
 from bmp_lightning.utils.slurm import cfg_without_multirun, requeue_ckpt_path

@@ -126,7 +126,7 @@ def cfg_eval(tmp_path: Path) -> Callable[..., Any]:
 @pytest.fixture
 def cfg_bmp(tmp_path: Path) -> Callable[..., Any]:
     """``cfg_bmp(*overrides, out_dir=None)``: ``conf/bmp.yaml`` (the BMP evaluation job) with its paths in
-    ``tmp_path``; its data split is chosen with Hydra's own syntax, ``bmp_data@data=<split>``."""
+    ``tmp_path``; its evaluation split is the ``split`` group (``split=<name>``, ``conf/split/``)."""
     import bmp_lightning.loop.config  # noqa: F401  (registers loop/base, which conf/loop/*.yaml derive from)
 
     return functools.partial(compose_job, "bmp.yaml", base_dir=tmp_path)

@@ -135,7 +135,7 @@ def test_detector_recipes_card_10e_and_config_300e(tmp_path: Path, cfg_train):
     schedule scaled to it; rtmdet_l_maskout_300e: the upstream config file. The first derives from the second."""
     import hydra
 
-    from bmp_lightning.models.instseg_module import rtmdet_lr_factor
+    from bmp_lightning.models.optim import rtmdet_lr_factor
 
     card, conf = (
         _experiment(cfg_train, "rtmdet_l_maskout", tmp_path),

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from bmp_lightning.convert import convert_checkpoint, detect_kind, main
-from bmp_lightning.interop.checkpoint import UnsafeCheckpointError, safe_load
 from bmp_lightning.interop.mmpose import convert_mmpose_vitpose, to_mmpose
 from bmp_lightning.models.components.pose_net import vitpose_b, vitpose_tiny
 from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.structures.checkpoint import safe_load
+from bmp_lightning.structures.errors import UnsafeCheckpointError
 
 
 class NotAWeight:

@@ -103,7 +103,7 @@ def test_doctor_eval_and_bmp_name_the_official_weights(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "maskpose-b" in out and "MaskPose-b.pth" in out and "vrg-prague/BBoxMaskPose" in out
     assert "data.train_sources" not in out  # eval reads no training data
-    code = doctor.main(["bmp", "data=ochuman_val", "detector=rtmdet-l-bmp", "pose=maskpose-b", "sam=sam2.1-b+",
+    code = doctor.main(["bmp", "split=ochuman_val", "detector=rtmdet-l-bmp", "pose=maskpose-b", "sam=sam2.1-b+",
                         f"paths.data_dir={tmp_path}"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 1
@@ -136,7 +136,7 @@ def test_vitpose_b_offline_stops_on_the_missing_mae_weights(tmp_path: Path, caps
 
 def test_bmp_and_eval_jobs_stop_with_the_table(offline_env, tmp_path: Path):
     logs = tmp_path / "logs"
-    bmp = _run(["-m", "bmp_lightning.bmp", "data=ochuman_val", "detector=rtmdet-l-bmp", "pose=maskpose-b",
+    bmp = _run(["-m", "bmp_lightning.bmp", "split=ochuman_val", "detector=rtmdet-l-bmp", "pose=maskpose-b",
                 f"paths.log_dir={logs}"], offline_env, ROOT)  # fmt: skip
     assert bmp.returncode == 1 and "Traceback" not in bmp.stderr
     for item in ("rtmdet-ins-l-mask.pth", "MaskPose-b.pth", "sam2.1_hiera_base_plus.pt", "ochuman/images"):

@@ -24,9 +24,9 @@ def test_tiny_detector_learns_synthetic_crowds(tmp_path: Path, cfg_train) -> Non
     import numpy as np
     import torch
 
-    from bmp_lightning.data.io import read_image
     from bmp_lightning.detector import Detector
     from bmp_lightning.metrics.detection import CocoDetectionEvaluator
+    from bmp_lightning.structures.io import read_image
     from bmp_lightning.train import train
 
     out = tmp_path / "run"

@@ -63,11 +63,11 @@ def test_tiny_maskpose_memorises_the_coco_sample(shared_dir: Path, tmp_path: Pat
     import torch
     from omegaconf import OmegaConf
 
-    from bmp_lightning.data.io import read_image
     from bmp_lightning.data.readers import read_coco_keypoints
     from bmp_lightning.interop.pose_weights import export_pose_weights
     from bmp_lightning.metrics.coco import CocoKeypointEvaluator
     from bmp_lightning.pose import PoseEstimator
+    from bmp_lightning.structures.io import read_image
 
     coco = shared_dir / "data" / "coco"
     cfg = _config(shared_dir, tmp_path)

@@ -219,8 +219,7 @@ def test_nonfinite_weights_are_never_written(tmp_path: Path) -> None:
 
 
 def test_every_json_written_is_valid(tmp_path: Path) -> None:
-    from bmp_lightning.metrics.cocotools import write_json_atomic
-    from bmp_lightning.utils.run import atomic_write_json, to_json
+    from bmp_lightning.structures.files import atomic_write_json, to_json
 
     obj = {
         "ap": float("nan"),
@@ -232,7 +231,7 @@ def test_every_json_written_is_valid(tmp_path: Path) -> None:
     }
     want = {"ap": None, "inf": [None, None, 1.5], "np": None, "arr": [1.0, None], "t": [2.0, None], "n": 3}
     assert _strict_json(atomic_write_json(tmp_path / "metrics.json", obj)) == want
-    assert _strict_json(write_json_atomic(tmp_path / "results.json", obj)) == want
+    assert _strict_json(atomic_write_json(tmp_path / "results.json", obj, indent=None)) == want
     assert json.loads(to_json(obj)) == want
 
 
@@ -249,8 +248,8 @@ def test_every_json_written_is_valid(tmp_path: Path) -> None:
 def test_wrongly_typed_config_value_names_key_and_type(
     override: str, message: str, synthetic_pose_data_dir: Path, tmp_path: Path
 ) -> None:
+    from bmp_lightning.structures.errors import ConfigError
     from bmp_lightning.train import train
-    from bmp_lightning.utils.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         train(_pose_cfg(synthetic_pose_data_dir, tmp_path / "run", override))
@@ -275,7 +274,7 @@ def test_cli_config_error_is_one_line_and_nonzero(tmp_path: Path) -> None:
 
 
 def test_exit_on_user_error_keeps_the_exception_for_hydra_full_error(monkeypatch) -> None:
-    from bmp_lightning.utils.errors import ConfigError
+    from bmp_lightning.structures.errors import ConfigError
     from bmp_lightning.utils.run import exit_on_user_error
 
     @exit_on_user_error
@@ -314,9 +313,8 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 def test_truncated_or_unsafe_resume_checkpoint_is_one_clear_error(
     bad_files: dict[str, Path], synthetic_pose_data_dir: Path, tmp_path: Path
 ) -> None:
-    from bmp_lightning.interop.checkpoint import UnsafeCheckpointError
+    from bmp_lightning.structures.errors import CheckpointError, UnsafeCheckpointError
     from bmp_lightning.train import train
-    from bmp_lightning.utils.errors import CheckpointError
 
     for kind in ("truncated", "empty", "text"):
         path = bad_files[kind]
@@ -330,8 +328,8 @@ def test_truncated_weights_in_every_loader_name_the_file(bad_files: dict[str, Pa
     from bmp_lightning import PoseEstimator
     from bmp_lightning.convert import main as convert
     from bmp_lightning.detector import Detector
+    from bmp_lightning.structures.errors import CheckpointError
     from bmp_lightning.train import train
-    from bmp_lightning.utils.errors import CheckpointError
 
     for kind in ("truncated", "empty"):
         path = bad_files[kind]
@@ -344,7 +342,7 @@ def test_truncated_weights_in_every_loader_name_the_file(bad_files: dict[str, Pa
             convert([f"src={path}", f"out={tmp_path / 'out.pth'}"])
         with pytest.raises(Exception) as err:  # Hydra wraps the module's error; the entry point finds it
             train(_pose_cfg(synthetic_pose_data_dir, tmp_path / kind, f"model.init_weights={path}"))
-        from bmp_lightning.utils.errors import find_user_error
+        from bmp_lightning.structures.errors import find_user_error
 
         assert isinstance(find_user_error(err.value), CheckpointError) and str(path) in str(find_user_error(err.value))
 
@@ -359,8 +357,8 @@ def test_cli_truncated_checkpoint_is_one_line_and_nonzero(bad_files: dict[str, P
 
 def test_pose_estimator_refuses_arbitrary_classes_unless_allowed(tmp_path: Path) -> None:
     from bmp_lightning import PoseEstimator
-    from bmp_lightning.interop.checkpoint import UnsafeCheckpointError
     from bmp_lightning.models.components.pose_net import vitpose_tiny
+    from bmp_lightning.structures.errors import UnsafeCheckpointError
 
     net = vitpose_tiny(num_keypoints=21, embed_dim=32, depth=1, num_heads=2, deconv_channels=[16, 16])
     path = tmp_path / "evil.pth"

@@ -19,7 +19,7 @@ into) and :func:`keypoints_to_image` divides by ``input_size - 1``. Both compose
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "UDPHeatmap",
     "flip_heatmaps",
+    "flip_test_heatmaps",
     "keypoints_to_image",
     "keypoint_mse_loss",
     "gaussian_kernel_1d",
@@ -194,9 +195,27 @@ class UDPHeatmap:
     def decode_to_image(
         self, heatmaps: torch.Tensor, center: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`decode` followed by :func:`keypoints_to_image` (image pixels ``(B, K, 2)``, scores ``(B, K)``)."""
-        kpts, scores = self.decode(heatmaps)
+        """:meth:`decode` (in float32) followed by :func:`keypoints_to_image` (image pixels ``(B, K, 2)``, scores
+        ``(B, K)``): the one decode of validation and ``PoseEstimator``."""
+        kpts, scores = self.decode(heatmaps.float())
         return keypoints_to_image(kpts, center.to(kpts), scale.to(kpts), self.input_size), scores
+
+
+def flip_test_heatmaps(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    img: torch.Tensor,
+    flip_indices: Sequence[int] | Callable[[int], Sequence[int]],
+    flip_test: bool = True,
+) -> torch.Tensor:
+    """Heatmaps of normalised crops, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no
+    shift under UDP) when ``flip_test``: the one flip test of validation (``PoseLitModule``) and ``PoseEstimator``.
+    ``flip_indices``: the permutation (cut to the network's heatmap count: a 17-keypoint head takes the COCO slots),
+    or a function of the heatmap count (``structures.keypoints.flip_indices_for``, the registered schemas)."""
+    if not flip_test:
+        return net(img)
+    hm, hm_flip = net(torch.cat([img, img.flip(-1)], 0)).chunk(2, 0)
+    idx = flip_indices(hm.shape[1]) if callable(flip_indices) else list(flip_indices)[: hm.shape[1]]
+    return 0.5 * (hm + flip_heatmaps(hm_flip, idx))
 
 
 def flip_heatmaps(heatmaps: torch.Tensor | np.ndarray, flip_indices: Sequence[int]) -> torch.Tensor | np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.records import BadSampleError
 
 Sample = dict[str, Any]
 

@@ -17,8 +17,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
 from bmp_lightning.data.readers import ReadReport, read_detections, read_source
-from bmp_lightning.data.records import PersonRecord, skip_summary
 from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader, fit_loop_epoch
+from bmp_lightning.data.synthetic import generate_if_missing
+from bmp_lightning.data.transforms import build_pose_pipeline
+from bmp_lightning.structures.records import PersonRecord, skip_summary
 from bmp_lightning.utils.common import dist_world, to_plain
 
 log = logging.getLogger(__name__)
@@ -293,7 +295,6 @@ class PoseDataModule(L.LightningDataModule):
 
     def pipeline(self, train: bool, use_mask: bool | None = None, mask_optional: bool | None = None) -> Any:
         """``build_pose_pipeline`` with this module's knobs (``use_mask``/``mask_optional`` overridable per set)."""
-        from bmp_lightning.data.transforms import build_pose_pipeline
 
         kwargs = dict(self.pipeline_kwargs)
         if mask_optional is not None:
@@ -310,7 +311,6 @@ class PoseDataModule(L.LightningDataModule):
     def _maybe_generate(self) -> None:
         if not self.synthetic:
             return
-        from bmp_lightning.data.synthetic import generate_if_missing
 
         out_dir = self._path(self.synthetic.get("out_dir")) or self.root
         generate_if_missing(self.synthetic, self._needed_files(), out_dir, log)
@@ -465,7 +465,7 @@ class PoseDataModule(L.LightningDataModule):
 
     def skip_report(self, limit: int = 100) -> dict[str, Any]:
         """Annotation entries and samples skipped so far (``skip_bad_samples=true``) on this rank, workers included
-        (:func:`bmp_lightning.data.records.skip_summary`; datasets ``train`` and ``val/<name>``). Across ranks:
+        (:func:`bmp_lightning.structures.records.skip_summary`; datasets ``train`` and ``val/<name>``). Across ranks:
         ``all_reduce(dataset.skips.flags, MAX)`` before counting (a rank sees the samples its sampler drew)."""
         datasets = {"train": self.train_dataset, **{f"val/{vs.name}": vs.dataset for vs in self.val_sets_info}}
         return skip_summary(datasets, self.read_reports, limit)

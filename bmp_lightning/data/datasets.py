@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.records import BadSampleError, PersonRecord, SkipLog
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.records import BadSampleError, PersonRecord, SkipLog
 
 log = logging.getLogger(__name__)
 

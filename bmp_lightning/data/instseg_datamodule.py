@@ -30,8 +30,9 @@ from bmp_lightning.data.instseg_dataset import (
     to_tensors,
 )
 from bmp_lightning.data.instseg_transforms import Compose, build_test_pipeline, build_train_pipeline
-from bmp_lightning.data.records import skip_summary
 from bmp_lightning.data.samplers import ResumableDataLoader, ShardedBatchSampler, fit_loop_epoch
+from bmp_lightning.data.synthetic import generate_if_missing
+from bmp_lightning.structures.records import skip_summary
 from bmp_lightning.utils.common import to_plain
 
 __all__ = [
@@ -207,7 +208,6 @@ class InstSegDataModule(L.LightningDataModule):
     def _maybe_generate(self) -> None:
         if not self.synthetic:
             return
-        from bmp_lightning.data.synthetic import generate_if_missing
 
         out_dir = self._path(self.synthetic.get("out_dir")) or self.root
         generate_if_missing(self.synthetic, (self.train_ann, self.val_ann), out_dir, log)
@@ -298,7 +298,7 @@ class InstSegDataModule(L.LightningDataModule):
 
     def skip_report(self, limit: int = 100) -> dict[str, Any]:
         """Images skipped so far (``skip_bad_samples=true``) on this rank, workers included (see
-        :func:`bmp_lightning.data.records.skip_summary`; datasets ``train`` and ``val``)."""
+        :func:`bmp_lightning.structures.records.skip_summary`; datasets ``train`` and ``val``)."""
         return skip_summary({"train": self.train_dataset, "val": self.val_dataset}, limit=limit)
 
 

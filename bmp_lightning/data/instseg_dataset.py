@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from bmp_lightning.data.instseg_transforms import Compose
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.readers import check_image_entry
-from bmp_lightning.data.records import BadSampleError, SkipLog
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import segmentation_to_mask
+from bmp_lightning.structures.records import BadSampleError, SkipLog
 from bmp_lightning.utils.common import dist_world
 
 log = logging.getLogger(__name__)

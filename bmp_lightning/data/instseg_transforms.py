@@ -30,6 +30,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bmp_lightning.structures.mask_ops import mask_out
+
 Sample = dict[str, Any]
 Transform = Callable[[Sample, np.random.Generator], "Sample | None"]
 
@@ -346,7 +348,8 @@ class RemoveRandomInstances:
         fill: ``'black'`` (0, what the loop paints at inference), ``'mean'`` (ImageNet mean colour) or ``'noise'``
             (uniform random RGB per pixel).
         dilate: grow the painted region by this many pixels (elliptic kernel); the growth never covers the masks
-            of the people who stay.
+            of the people who stay. The painting is the BMP loop's :func:`~bmp_lightning.structures.mask_ops.mask_out`
+            (``mode='pixels'``).
         person_label: the label of eligible instances; ``None`` makes every instance eligible.
     """
 
@@ -379,20 +382,10 @@ class RemoveRandomInstances:
         keep = np.ones(masks.shape[0], bool)
         keep[removed] = False
 
-        region = masks[removed].any(axis=0)
-        if self.dilate > 0:
-            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self.dilate + 1, 2 * self.dilate + 1))
-            grown = cv2.dilate(region.astype(np.uint8), kernel).astype(bool)
-            kept = masks[keep].any(axis=0) if keep.any() else np.zeros_like(region)
-            region = region | (grown & ~kept)
-
-        img = sample["img"].copy()
-        if self.fill == "black":
-            img[region] = 0
-        elif self.fill == "mean":
-            img[region] = np.array(MEAN_RGB, np.uint8)
-        else:
-            img[region] = rng.integers(0, 256, size=(int(region.sum()), 3), dtype=np.uint8)
+        fill = {"black": 0, "mean": MEAN_RGB, "noise": "noise"}[self.fill]
+        img = mask_out(
+            sample["img"], masks[removed], "pixels", fill=fill, dilate=self.dilate, protect=masks[keep], rng=rng
+        )
         out = _select(sample, keep)
         out["img"] = img
         return out

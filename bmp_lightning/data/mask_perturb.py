@@ -292,7 +292,7 @@ def perturb_mask_region(
 ) -> np.ndarray | tuple[np.ndarray, str | None]:
     """``perturb_mask(mask, rng, ...)[y0:y1, x0:x1]`` for ``box = (x0, y0, x1, y1)``, without the full-image work.
 
-    ``mask``: an ``(H, W)`` array or a lazily decoded :class:`~bmp_lightning.data.masks.RleMask` (only the box and
+    ``mask``: an ``(H, W)`` array or a lazily decoded :class:`~bmp_lightning.structures.masks.RleMask` (only the box and
     the foreground's bounding box are decoded).
 
     Same draws in the same order as :func:`perturb_mask`. The 5x5 open/close runs on the foreground's bounding box

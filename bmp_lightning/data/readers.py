@@ -1,7 +1,7 @@
 """Annotation readers: COCO-format keypoint json, MMPose's MPII list json, person-detection results.
 
-Every reader returns :class:`~bmp_lightning.data.records.PersonRecord` objects in the merged 21-keypoint schema
-(:func:`bmp_lightning.data.keypoints.to_merged`). The instance filters are the upstream ones (MMPose
+Every reader returns :class:`~bmp_lightning.structures.records.PersonRecord` objects in the merged 21-keypoint schema
+(:func:`bmp_lightning.structures.keypoints.to_merged`). The instance filters are the upstream ones (MMPose
 ``BaseCocoStyleDataset._is_valid_instance``, BMP fork): an annotation is dropped, silently, when it is a crowd,
 has ``num_keypoints == 0`` (counted from the keypoints when the field is absent, as in AIC), has an empty box after
 clipping to the image, or has all keypoint coordinates <= 0.
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, to_merged
-from bmp_lightning.data.records import BadSampleError, PersonRecord
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, to_merged
+from bmp_lightning.structures.records import BadSampleError, PersonRecord
 
 log = logging.getLogger(__name__)
 

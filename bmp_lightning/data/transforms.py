@@ -5,7 +5,7 @@ A sample is a plain dict. Input keys:
 * ``img`` ``(H, W, 3)`` uint8 RGB; ``bbox`` ``(4,)`` xyxy; ``keypoints`` ``(K, 2)``; ``keypoints_visible`` ``(K,)``
   0/1; ``mask`` ``(H, W)`` uint8 0/1 or None;
 * optional ``flip_indices``, ``upper_body_ids``, ``lower_body_ids`` (defaults from
-  :mod:`bmp_lightning.data.keypoints` for K = 21 or 17) and ``where`` (file/entry text used in error messages).
+  :mod:`bmp_lightning.structures.keypoints` for K = 21 or 17) and ``where`` (file/entry text used in error messages).
 
 Every transform is ``__call__(sample, rng) -> sample`` and draws all its randomness from ``rng``, so a pipeline is
 deterministic given the generator. Transforms replace arrays instead of writing into them, so the caller's arrays
@@ -43,16 +43,9 @@ from bmp_lightning.data.crop import (
     source_region,
     warp_region,
 )
-from bmp_lightning.data.keypoints import (
-    COCO_FLIP_INDICES,
-    FLIP_INDICES,
-    LOWER_BODY_IDS,
-    NUM_COCO_KEYPOINTS,
-    NUM_KEYPOINTS,
-    UPPER_BODY_IDS,
-)
 from bmp_lightning.data.mask_perturb import perturb_mask, perturb_mask_region
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.keypoints import schema_for
+from bmp_lightning.structures.records import BadSampleError
 
 __all__ = [
     "Compose",
@@ -91,12 +84,11 @@ def truncated_normal(rng: np.random.Generator, size: int | tuple[int, ...], low:
 def _schema(sample: Sample) -> tuple[list[int], list[int], list[int]]:
     """flip indices, upper ids, lower ids of the sample (its own keys, else the schema defaults)."""
     k = len(sample["keypoints"])
-    if k == NUM_KEYPOINTS:
-        flip, upper, lower = FLIP_INDICES, UPPER_BODY_IDS, LOWER_BODY_IDS
-    elif k == NUM_COCO_KEYPOINTS:
-        flip = COCO_FLIP_INDICES
-        upper = tuple(i for i in UPPER_BODY_IDS if i < k)
-        lower = tuple(i for i in LOWER_BODY_IDS if i < k)
+    schema = schema_for(k)  # the registered schema of this count (21, or its COCO part 17)
+    if schema is not None:
+        flip = schema.flip_indices(k)
+        upper = tuple(i for i in schema.upper_body if i < k)
+        lower = tuple(i for i in schema.lower_body if i < k)
     else:
         flip = upper = lower = None
     flip = sample.get("flip_indices", flip)
@@ -491,7 +483,7 @@ class RoiCompose(Compose):
     ``MaskBackground`` after the geometry changes no draw, and the samples (crop, mask, heatmaps, weights) are
     identical to the reference's.
 
-    ``mask`` may be an array or a :class:`~bmp_lightning.data.masks.RleMask` (``region_first``: what datasets
+    ``mask`` may be an array or a :class:`~bmp_lightning.structures.masks.RleMask` (``region_first``: what datasets
     check before handing one). Supports pipelines of the shape ``[GetBBoxCenterScale | MaskBackground | RandomFlip |
     RandomHalfBody | RandomBBoxTransform]* TopdownAffine [anything working on the crop]*`` (what
     :func:`build_pose_pipeline` builds).

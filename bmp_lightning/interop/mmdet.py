@@ -26,18 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from bmp_lightning.structures.checkpoint import extract_state_dict, safe_load
+
 log = logging.getLogger(__name__)
 
-try:  # the project's safe loader (weights_only=True, inert placeholders for MMEngine objects)
-    from bmp_lightning.interop.checkpoint import safe_load as _safe_load
 
-    def _load(path: str | Path) -> Any:
-        return _safe_load(path, placeholders=True)
-
-except ImportError:  # pragma: no cover - fallback while interop.checkpoint is absent
-
-    def _load(path: str | Path) -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True)
+def _load(path: str | Path) -> Any:
+    return safe_load(path, placeholders=True)  # weights_only=True, inert placeholders for MMEngine objects
 
 
 _TOWER = re.compile(r"^head\.(cls|reg)_convs\.(\d+)\.(\d+)\.(conv|bn)\.(.+)$")
@@ -46,15 +41,7 @@ _SKIPPED = re.compile(r"^(data_preprocessor\.|head\.rtm_obj\.)")
 
 def _state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``checkpoint['state_dict']`` when present (MMEngine layout), else the mapping itself; tensors only."""
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"expected an MMDetection checkpoint dict, got {type(checkpoint).__name__}")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    if not sd:
-        raise ValueError("no tensors found under 'state_dict' of the checkpoint")
-    return sd
+    return extract_state_dict(checkpoint, keys=("state_dict",))
 
 
 def is_mmdet_rtmdet_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
@@ -173,3 +160,27 @@ def load_mmdet_rtmdet(
         if keys:
             log.warning("load_mmdet_rtmdet: %d %s keys: %s", len(keys), title, ", ".join(keys))
     return list(missing), list(unexpected)
+
+
+def rtmdet_state_dict(checkpoint: Mapping[str, Any], num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Our ``RTMDetIns`` state dict from any supported checkpoint layout.
+
+    Accepts a bare state dict with our keys, a Lightning checkpoint (``state_dict`` with a ``model.``-like prefix;
+    an EMA copy, i.e. a prefix containing ``ema``, is preferred), or MMDetection weights (detected by their
+    ``bbox_head.`` keys, converted by :func:`convert_mmdet_rtmdet`).
+    ``num_classes`` smaller than the checkpoint's keeps the first classes (person = 0 on COCO).
+    """
+    sd = extract_state_dict(checkpoint, keys=("state_dict",))
+    anchor = "backbone.stem.0.conv.weight"
+    prefixes = [k[: -len(anchor)] for k in sd if k.endswith(anchor)]
+    if not prefixes:
+        raise ValueError(f"not an RTMDet checkpoint: no '*{anchor}' key among {len(sd)} tensors")
+    ema = [p for p in prefixes if "ema" in p.lower()]
+    prefix = ema[0] if ema else min(prefixes, key=len)
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if is_mmdet_rtmdet_checkpoint(sd):
+        return convert_mmdet_rtmdet(sd, num_classes)
+    have = int(sd["head.rtm_cls.0.weight"].shape[0])
+    if num_classes is not None and num_classes < have:
+        sd = {k: (v[:num_classes] if k.startswith("head.rtm_cls.") else v) for k, v in sd.items()}
+    return sd

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bmp_lightning.interop.checkpoint import LoadReport, extract_state_dict, load_state_dict_report, safe_load
+from bmp_lightning.structures.checkpoint import LoadReport, extract_state_dict, load_state_dict_report, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def convert_mmpose_vitpose(checkpoint: Mapping, num_patches: int = NUM_PATCHES_2
         num_patches: token count of the target model (192 = 16x12 for 256x192 crops).
 
     A state dict already in our names is returned unchanged. Keys that match no rule are kept as is (and logged), so
-    that :func:`~bmp_lightning.interop.checkpoint.load_state_dict_report` reports them as unexpected.
+    that :func:`~bmp_lightning.structures.checkpoint.load_state_dict_report` reports them as unexpected.
     """
     sd = _unwrap(checkpoint)
     original = is_original_vitpose_checkpoint(sd)

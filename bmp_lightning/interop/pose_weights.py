@@ -12,8 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bmp_lightning.interop.checkpoint import load_state_dict_report, safe_load
+from bmp_lightning.interop.hub import resolve_weights
 from bmp_lightning.interop.mmpose import convert_mmpose_vitpose
+from bmp_lightning.interop.timm_init import load_mae_init
+from bmp_lightning.models.components import pose_net
+from bmp_lightning.structures.checkpoint import extract_state_dict, load_state_dict_report, safe_load
+from bmp_lightning.structures.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def read_pose_weights(
     ):
         hp = obj.get("hyper_parameters", {}) or {}
         meta.update(source="lightning", use_mask=hp.get("use_mask"), net_config=obj.get("net_config"))
-        sd = {k[4:]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
+        sd = extract_state_dict(obj, keys=("state_dict",), prefix="net.")
         return sd, meta
     if isinstance(obj, dict) and "net_config" in obj and "state_dict" in obj:  # our export
         meta.update(source="ours", use_mask=obj.get("use_mask"), net_config=obj["net_config"])
@@ -58,11 +62,8 @@ def load_pose_weights(
     (with a warning) instead of stopping.
     """
     if str(path).lower() == "mae":
-        from bmp_lightning.interop.timm_init import load_mae_init
-
         load_mae_init(net.backbone, allow_random_init=allow_random_init)
         return
-    from bmp_lightning.interop.hub import resolve_weights
 
     path = resolve_weights(path, key="model.init_weights", kind="pose")
     sd, _ = read_pose_weights(path)
@@ -88,8 +89,7 @@ def infer_net_kwargs(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return dict(
         embed_dim=embed_dim,
         depth=depth,
-        # not stored in the weights: MMPose's ViT-S/B/L/H presets, else 64-dim heads
-        num_heads={384: 12, 768: 12, 1024: 16, 1280: 16}.get(embed_dim, max(1, embed_dim // 64)),
+        num_heads=pose_net.vitpose_num_heads(embed_dim),  # not stored in the weights (qkv is fused)
         deconv_channels=tuple(deconv),
         num_keypoints=num_keypoints,
         img_size=img_size,
@@ -102,8 +102,6 @@ def build_net_from_weights(
     """Build the right network for a weights file and load it strictly (a file pickling arbitrary Python objects
     is refused unless ``allow_objects``, see :func:`read_pose_weights`)."""
     import hydra
-
-    from bmp_lightning.models.components import pose_net
 
     sd, meta = read_pose_weights(path, allow_objects=allow_objects)
     if preset is not None:
@@ -122,6 +120,5 @@ def build_net_from_weights(
 
 def export_pose_weights(net: nn.Module, path: str | os.PathLike, net_config: dict | None, use_mask: bool) -> None:
     """Write a plain weights file (tensors + json-like meta only, loadable with ``weights_only=True``)."""
-    from bmp_lightning.utils.run import atomic_torch_save
 
     atomic_torch_save({"state_dict": net.state_dict(), "net_config": net_config, "use_mask": bool(use_mask)}, path)

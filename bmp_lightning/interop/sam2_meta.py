@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from bmp_lightning.structures.checkpoint import extract_state_dict, safe_load
+
 # Meta's configs sam2.1_hiera_{t,s,b+,l}.yaml (sam2 1.1.0); heads double at every stage (head_mul 2).
 HIERA_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=96, blocks_per_stage=[1, 2, 7, 2], num_attention_heads=1,
@@ -52,7 +54,7 @@ def meta_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     sd = obj.get("model", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not is_meta_sam2_state(sd):
         raise ValueError("not a Meta SAM 2 checkpoint: expected {'model': state_dict} with image_encoder.trunk.* keys")
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return extract_state_dict(sd, keys=())
 
 
 def infer_hiera_size(sd: Mapping[str, torch.Tensor]) -> str:
@@ -154,8 +156,6 @@ def convert_meta_sam2(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def load_meta_sam2(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Any:
     """A transformers ``Sam2Model`` holding the weights of a Meta ``sam2.1_hiera_*.pt`` file (strict load)."""
     from transformers import Sam2Model
-
-    from bmp_lightning.interop.checkpoint import safe_load
 
     sd = meta_state_dict(safe_load(path))
     size = infer_hiera_size(sd)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bmp_lightning.interop.checkpoint import load_state_dict_report
+from bmp_lightning.structures.checkpoint import load_state_dict_report
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bmp_lightning.data.io import as_rgb_array
-from bmp_lightning.data.keypoints import COCO_SIGMAS, NUM_COCO_KEYPOINTS
 from bmp_lightning.loop.config import LoopConfig, resolve_loop_config
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, painted_region
 from bmp_lightning.loop.pose_nms import pose_nms
 from bmp_lightning.loop.prompts import select_negative_prompts, select_prompt_keypoints
+from bmp_lightning.structures.io import as_rgb_array
+from bmp_lightning.structures.keypoints import COCO_SIGMAS, NUM_COCO_KEYPOINTS
+from bmp_lightning.structures.mask_ops import box_nms, exclusive_masks, paint, painted_region
 
 
 @runtime_checkable
@@ -430,8 +430,7 @@ class BMP:
             painted = painted_region(
                 np.stack([p.mask for p in persons]), (h, w), cfg.maskout, cfg.maskout_min_area, cfg.maskout_dilate
             )
-            det_image = original.copy()
-            det_image[painted] = 0  # black, as upstream
+            det_image = paint(original, painted, fill=0)  # black, as upstream
             snap.new_indices = np.asarray(keep_new, np.int64)
             snap.kept_old = np.asarray(keep_old, np.int64)
             snap.persons = list(persons)

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 
+from bmp_lightning.detector import Detector
 from bmp_lightning.interop.hub import hub_weights, resolve_weights
+from bmp_lightning.interop.pose_weights import export_pose_weights
+from bmp_lightning.loop.bmp import BMP
+from bmp_lightning.loop.config import resolve_loop_config
+from bmp_lightning.loop.segmenter import Sam2Segmenter
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_tiny
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.structures.files import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +58,6 @@ def tiny_random_detector_model(seed: int = 0) -> torch.nn.Module:
     The class logits are calibrated on a fixed noise image so that about 1% of the priors score above 0.3.
     Returns an ``RTMDetIns`` in eval mode.
     """
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_tiny
 
     model = rtmdet_ins_tiny(num_classes=1)
     g = torch.Generator().manual_seed(seed)
@@ -106,8 +113,6 @@ def save_tiny_random_checkpoints(out_dir: str | os.PathLike, seed: int = 0) -> d
     Returns:
         ``{"detector": <dir>/tiny_detector.pt, "pose": <dir>/tiny_maskpose.pth}``.
     """
-    from bmp_lightning.interop.pose_weights import export_pose_weights
-    from bmp_lightning.utils.run import atomic_torch_save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,12 +123,11 @@ def save_tiny_random_checkpoints(out_dir: str | os.PathLike, seed: int = 0) -> d
 
 
 # ---------------------------------------------------------------------------------------------- loaders
-def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_detector(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``Detector`` from a name (``rtmdet-l-bmp``), a checkpoint path (ours, Lightning ``.ckpt``, MMDetection
     ``.pth``), ``tiny_random``, or
     an existing detector object (returned as is). ``opts`` go to ``Detector`` (``input_size``, ``num_classes``,
     ``score_thr``, ``nms_iou``, ``max_per_img``, ``batch_size``)."""
-    from bmp_lightning.detector import Detector
 
     if spec is None or spec == "":
         raise ValueError(
@@ -132,7 +136,7 @@ def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         )
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("num_classes", None)
         kw.setdefault("input_size", 320)
@@ -144,12 +148,11 @@ def load_detector(spec: Any, device: str | torch.device = "cpu", **opts: Any):
     return Detector.from_checkpoint(spec, device=device, **kw)
 
 
-def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_pose(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``PoseEstimator`` from a name (``maskpose-b``, ``vitpose-b-multi``), a checkpoint path (ours, Lightning
     ``.ckpt``, MMPose ``.pth``), ``tiny_random``, or
     an existing estimator (returned as is). ``opts`` go to ``PoseEstimator`` (``use_mask``, ``flip_test``,
     ``batch_size``, ``preset``)."""
-    from bmp_lightning.pose import PoseEstimator
 
     if spec is None or spec == "":
         raise ValueError(
@@ -158,7 +161,7 @@ def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
         )
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("preset", None)
         use_mask = kw.pop("use_mask", True)
@@ -173,7 +176,7 @@ def load_pose(spec: Any, device: str | torch.device = "cpu", **opts: Any):
     return PoseEstimator.from_checkpoint(spec, device=device, **kw)
 
 
-def load_segmenter(spec: Any, device: str | torch.device = "cpu", **opts: Any):
+def load_segmenter(spec: Any, device: str | torch.device = "cpu", opts: Mapping[str, Any] | None = None, **kw: Any):
     """A ``Sam2Segmenter`` from a name (``sam2.1-b+``: Meta's checkpoint), a Meta ``.pt`` file, a Hugging Face
     repository or local directory in transformers format, or ``tiny_random``;
     ``None`` / ``none`` gives ``None`` (the loop then needs ``loop.segmenter=none``).
@@ -181,13 +184,12 @@ def load_segmenter(spec: Any, device: str | torch.device = "cpu", **opts: Any):
     ``opts``: ``local_files_only`` (no network), ``resolution`` and ``seed`` for ``tiny_random``, and the
     ``Sam2Segmenter`` arguments (``antialias``, ``chunk``).
     """
-    from bmp_lightning.loop.segmenter import Sam2Segmenter
 
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "null")):
         return None
     if not isinstance(spec, (str, os.PathLike)):
         return spec
-    kw = _opts(opts)
+    kw = _opts({**_opts(opts), **kw})
     if _is_tiny(spec):
         kw.pop("local_files_only", None)
         return Sam2Segmenter.tiny_random(seed=int(kw.pop("seed", 0)), device=device, **kw)
@@ -207,13 +209,11 @@ def build_bmp(
     sam_opts: Mapping[str, Any] | None = None,
 ):
     """``BMP`` from model specs (see the loaders); SAM is loaded only when ``loop.segmenter == 'sam2'``."""
-    from bmp_lightning.loop.bmp import BMP
-    from bmp_lightning.loop.config import resolve_loop_config
 
     cfg = resolve_loop_config(loop)
-    det = load_detector(detector, device, **_opts(detector_opts))
-    pose_model = load_pose(pose, device, **_opts(pose_opts))
-    seg = load_segmenter(sam, device, **_opts(sam_opts)) if cfg.segmenter == "sam2" else None
+    det = load_detector(detector, device, detector_opts)
+    pose_model = load_pose(pose, device, pose_opts)
+    seg = load_segmenter(sam, device, sam_opts) if cfg.segmenter == "sam2" else None
     if cfg.segmenter == "sam2" and seg is None:
         raise ValueError(
             "loop.segmenter=sam2 needs sam=<name or path> (or sam=tiny_random); or set loop.segmenter=none"

@@ -1,6 +1,6 @@
 """The BMP evaluation job: the loop over a COCO-format split, scored per iteration (docs/recipes.md#evaluation).
 
-``python -m bmp_lightning.bmp data=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
+``python -m bmp_lightning.bmp split=<split> loop=bmp_d3 detector=<ckpt> pose=<ckpt> [sam=<name|dir>]`` runs
 :func:`run_bmp_evaluation`. For every image the loop runs once; after iteration ``k`` the people found so far (the
 loop's ``IterationSnapshot.persons``) are that iteration's predictions. Per iteration the job writes, atomically,
 in ``<run dir>/results/``:
@@ -39,13 +39,20 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.keypoints import NUM_COCO_KEYPOINTS
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.data.synthetic import generate
 from bmp_lightning.loop.bmp import Person
+from bmp_lightning.loop.build import build_bmp
+from bmp_lightning.loop.config import resolve_loop_config
+from bmp_lightning.loop.render import iteration_figure, save_png
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, rescore
-from bmp_lightning.metrics.cocotools import write_json_atomic
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator, encode_masks
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.keypoints import NUM_COCO_KEYPOINTS
+from bmp_lightning.structures.records import BadSampleError
+from bmp_lightning.utils.common import resolve_device, set_torch_threads
+from bmp_lightning.utils.distributed import device_for_rank, init_distributed
+from bmp_lightning.utils.run import instantiate_dict
 
 log = logging.getLogger("bmp_lightning.bmp")
 
@@ -72,17 +79,15 @@ class EvalSplit:
 
 
 def split_from_config(cfg: Mapping[str, Any]) -> EvalSplit:
-    """An :class:`EvalSplit` from a ``conf/bmp_data`` entry; generates the synthetic split when configured and
+    """An :class:`EvalSplit` from a ``conf/split`` entry; generates the synthetic split when configured and
     missing. Raises ``FileNotFoundError`` naming the missing file."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     missing = [k for k in ("name", "ann_file", "img_dir") if not cfg.get(k)]
     if missing:
-        raise ValueError(f"bmp data config needs {missing} (see conf/bmp_data/)")
+        raise ValueError(f"bmp split config needs {missing} (see conf/split/)")
     ann_file, img_dir = Path(cfg["ann_file"]), Path(cfg["img_dir"])
     synthetic = cfg.get("synthetic")
     if synthetic and not ann_file.is_file():
-        from bmp_lightning.data.synthetic import generate
-
         root = Path(cfg.get("root") or ann_file.parent.parent)
         log.info("generating the synthetic dataset in %s (missing %s)", root, ann_file.name)
         generate(root, **synthetic)
@@ -185,49 +190,22 @@ def person_category(gt: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the job
-def apply_torch_threads(threads: int | None) -> None:
-    """``torch_threads`` of a job config: intra-op threads (``None`` keeps torch's default)."""
-    if threads is None:
-        return
-    import torch
-
-    if int(threads) < 1:
-        raise ValueError(f"torch_threads must be >= 1 or null, got {threads}")
-    torch.set_num_threads(int(threads))
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def build_loop_from_config(cfg: DictConfig, device: str | None = None):
-    """The ``BMP`` of a job config (``detector``, ``pose``, ``sam``, ``loop``, ``device``, ``*_opts``); ``device``
-    overrides the config's (a distributed rank's own GPU)."""
+    """The ``BMP`` of a job config: the models of its ``models`` node (partial loaders, conf/bmp_models/) called
+    with the device, and its ``loop``; ``device`` overrides the config's (a distributed rank's own GPU)."""
     import hydra
-
-    from bmp_lightning.loop.build import build_bmp
-    from bmp_lightning.loop.config import resolve_loop_config
 
     loop_cfg = cfg.loop
     if isinstance(loop_cfg, DictConfig) and "_target_" in loop_cfg:
         loop = hydra.utils.instantiate(loop_cfg)
     else:
         loop = resolve_loop_config(loop_cfg)
-    return build_bmp(
-        cfg.get("detector"),
-        cfg.get("pose"),
-        cfg.get("sam"),
-        loop=loop,
-        device=device or resolve_device(cfg.get("device")),
-        detector_opts=cfg.get("detector_opts"),
-        pose_opts=cfg.get("pose_opts"),
-        sam_opts=cfg.get("sam_opts"),
-    )
+    device = device or resolve_device(cfg.get("device"))
+    models = cfg.models
+    detector = hydra.utils.instantiate(models.detector)(device=device)
+    pose = hydra.utils.instantiate(models.pose)(device=device)
+    sam = hydra.utils.instantiate(models.sam)(device=device) if loop.segmenter == "sam2" else None
+    return build_bmp(detector, pose, sam, loop=loop, device=device)
 
 
 def _progress(items: list, desc: str, disable: bool = False):
@@ -262,7 +240,6 @@ def evaluate_image(
 ) -> ImageResult:
     """Run the loop on one image of the split; ``vis_path``: also save its picture (detector input + people per
     iteration) there."""
-    from bmp_lightning.loop.render import iteration_figure, save_png
 
     image_id = int(info["id"])
     image = read_image(split.img_dir / info["file_name"], where=f"{split.ann_file}, image id {image_id}")
@@ -278,24 +255,22 @@ def evaluate_image(
 
 
 def run_bmp_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Run the BMP loop over ``cfg.data``, write results / metrics / pictures into ``cfg.paths.output_dir``.
+    """Run the BMP loop over ``cfg.split``, write results / metrics / pictures into ``cfg.paths.output_dir``.
 
     Under ``torchrun`` / ``srun`` (several processes) every rank runs the loop on its share of the images and rank 0
     scores the gathered results in the split's order: the same result files and metrics as one process, plus
     ``bmp/dist/world_size`` and ``bmp/dist/rank<r>/images`` (the images each rank processed). Returns the metrics
     (also in ``metrics.json``; an empty dict on the other ranks).
     """
-    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
-    from bmp_lightning.utils.run import atomic_write_json, instantiate_dict
 
-    apply_torch_threads(cfg.get("torch_threads"))
+    set_torch_threads(cfg.get("torch_threads"))
     device = resolve_device(cfg.get("device"))
     ctx = init_distributed(device)
     try:
         # the ranks' own Hydra run dirs may differ by a timestamp second: everything goes to rank 0's
         out_dir = Path(ctx.broadcast(str(cfg.paths.output_dir)))
         results_dir, vis_dir = out_dir / "results", out_dir / "vis"
-        split = split_from_config(cfg.data) if ctx.is_main else None
+        split = split_from_config(cfg.split) if ctx.is_main else None
         split = ctx.broadcast(split)  # rank 0 generates a missing synthetic split, once
         gt, images = load_ground_truth(split, cfg.get("max_images"))
         ev = cfg.get("eval") or {}
@@ -354,7 +329,6 @@ def score_bmp_results(
     results_dir: Path,
 ) -> dict[str, float]:
     """Rank 0: the ranks' :class:`ImageResult` lists -> per-iteration results json, ``info.json`` and the metrics."""
-    from bmp_lightning.utils.run import atomic_write_json
 
     results = sorted((r for part in parts for r in part["results"]), key=lambda r: r.index)
     order = {int(im["id"]): i for i, im in enumerate(images)}
@@ -366,7 +340,7 @@ def score_bmp_results(
         )
     gt_file = split.ann_file
     if len(images) < len(gt["images"]):
-        gt_file = write_json_atomic(results_dir / "gt.json", subset_ground_truth(gt, images))
+        gt_file = atomic_write_json(results_dir / "gt.json", subset_ground_truth(gt, images), indent=None)
     has_segm = any(a.get("segmentation") for a in gt["annotations"])
     segm = has_segm if split.segm is None else split.segm
     ev = cfg.get("eval") or {}
@@ -476,7 +450,6 @@ __all__ = [
     "keypoint_predictions",
     "load_ground_truth",
     "person_box",
-    "resolve_device",
     "run_bmp_evaluation",
     "score_bmp_results",
     "split_from_config",

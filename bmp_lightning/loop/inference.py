@@ -24,11 +24,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.keypoints import KEYPOINTS
-from bmp_lightning.data.masks import mask_to_rle
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.bmp import BMPResult
+from bmp_lightning.loop.evaluate import build_loop_from_config
+from bmp_lightning.loop.render import iteration_figure, iteration_frames, save_gif, save_png
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.keypoints import KEYPOINTS
+from bmp_lightning.structures.masks import mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
+from bmp_lightning.utils.common import set_torch_threads
 
 log = logging.getLogger("bmp_lightning.demo")
 
@@ -100,11 +104,8 @@ def run_demo(cfg: DictConfig) -> list[dict[str, Any]]:
 
     Returns the per-image summaries (also in ``summary.json``).
     """
-    from bmp_lightning.loop.evaluate import apply_torch_threads, build_loop_from_config
-    from bmp_lightning.loop.render import iteration_figure, iteration_frames, save_gif, save_png
-    from bmp_lightning.utils.run import atomic_write_json
 
-    apply_torch_threads(cfg.get("torch_threads"))
+    set_torch_threads(cfg.get("torch_threads"))
     files = list_images(cfg.get("input"))
     out_dir = Path(cfg.get("output_dir") or cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import COCO_SIGMAS
+from bmp_lightning.structures.keypoints import COCO_SIGMAS
 
 AreaMode = Literal["box", "xyxy_as_xywh"]
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from bmp_lightning.loop.bmp import BMPResult, IterationSnapshot, Person
+from bmp_lightning.structures.files import atomic_path, atomic_write_bytes
 from bmp_lightning.utils.visualize import draw_boxes, draw_masks, draw_skeletons, palette
 
 
@@ -124,10 +125,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {path}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.tobytes())
 
 
 def save_gif(frames: list[np.ndarray], path: str | os.PathLike, duration_ms: int = 900) -> Path:
@@ -139,7 +137,6 @@ def save_gif(frames: list[np.ndarray], path: str | os.PathLike, duration_ms: int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
-    tmp = path.with_name(f".{path.name}.tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
     return path

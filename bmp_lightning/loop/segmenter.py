@@ -22,6 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bmp_lightning.interop.hub import (
+    WeightsUnavailableError,
+    cached_path,
+    hub_weights,
+    resolve_weights,
+    unavailable_message,
+)
+from bmp_lightning.interop.sam2_meta import load_meta_sam2
+
 # what BBoxMaskPose runs: Meta's SAM 2.1 Hiera-B+ checkpoint (sam2.1_hiera_base_plus.pt), by name (interop/hub.py)
 DEFAULT_SAM2 = "sam2.1-b+"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,13 +120,6 @@ class Sam2Segmenter:
                 command that downloads it.
             RuntimeError: a transformers-format model cannot be loaded.
         """
-        from bmp_lightning.interop.hub import (
-            WeightsUnavailableError,
-            cached_path,
-            hub_weights,
-            resolve_weights,
-            unavailable_message,
-        )
 
         _import_sam2()
         w = hub_weights(name)
@@ -130,8 +132,6 @@ class Sam2Segmenter:
         else:
             path = os.fspath(name)
         if os.path.isfile(path):
-            from bmp_lightning.interop.sam2_meta import load_meta_sam2
-
             return cls(load_meta_sam2(path), device=device, **kwargs)
         _, _, sam2_model = _import_sam2()
         try:

@@ -4,7 +4,7 @@ Protocol (MMPose ``coco_metric.py``; docs/recipes.md#evaluation):
 
 1. predictions are de-duplicated by ``instance_id`` (DDP padding repeats samples);
 2. 21-slot predictions are reduced to the dataset's keypoints: the first 17 for COCO / OCHuman, the 14 CrowdPose
-   joints through :func:`bmp_lightning.data.keypoints.from_merged`;
+   joints through :func:`bmp_lightning.structures.keypoints.from_merged`;
 3. instance score (``score_mode='bbox_keypoint'``) = ``bbox_score`` x mean of the keypoint scores ``> 0.2``
    (0 when none passes); ``score_mode='bbox'`` uses ``bbox_score`` alone;
 4. optional greedy OKS-NMS per image (all keypoints count, area = mean of the two areas, threshold 0.9);
@@ -15,11 +15,7 @@ Protocol (MMPose ``coco_metric.py``; docs/recipes.md#evaluation):
 BMP's own evaluation uses no OKS-NMS (``nms_mode='none'`` in its configs); MMPose's default is OKS-NMS 0.9.
 CrowdPose's AP(easy/medium/hard) are added when its images carry ``crowdIndex`` (subsets split at 0.2 / 0.8).
 
-CLI::
-
-    python -m bmp_lightning.metrics.coco gt=<annotation json> results=<results json> \
-        [dataset=coco|ochuman|crowdpose] [nms=none|oks] [nms_thr=0.9] [keypoint_score_thr=0.2] [out=<metrics json>] \
-        [nonfinite=error|miss]
+Command line: :mod:`bmp_lightning.tools.coco_eval`.
 
 Result entries carry ``keypoints`` (flat ``x, y, score`` for 21, 17 or 14 joints); an entry with ``bbox_score`` is
 rescored as above, one without keeps its ``score``. ``area`` (or the COCO ``bbox`` ``[x, y, w, h]``) is the OKS-NMS
@@ -32,20 +28,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, from_merged
-from bmp_lightning.data.records import BadSampleError
-from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
+from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
 from bmp_lightning.metrics.oks import default_sigmas, oks_nms
-from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, SOURCE_NUM_KEYPOINTS, from_merged
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +259,7 @@ class CocoKeypointEvaluator:
             log.warning("%s: %d predictions with non-finite values dropped (counted as misses), e.g. %s",
                         self.ann_file, len(self.nonfinite_dropped), self.nonfinite_dropped[0])  # fmt: skip
         if outfile_prefix is not None:
-            path = write_json_atomic(f"{os.fspath(outfile_prefix)}.keypoints.json", results)
+            path = atomic_write_json(f"{os.fspath(outfile_prefix)}.keypoints.json", results, indent=None)
             log.info("keypoint results written to %s", path)
         if not results:
             log.warning("%s: no keypoint predictions to evaluate; AP is 0", self.ann_file)
@@ -357,53 +351,3 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
     lines += [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{k:<{width}}  {v:6.4f}" for k, v in metrics.items()]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Score a keypoint results json against a ground truth (see the module docstring); returns the metrics."""
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
-    allowed = {"gt", "results", "dataset", "nms", "nms_thr", "keypoint_score_thr", "use_area", "out", "nonfinite"}
-    if bad := sorted(set(args) - allowed):
-        raise SystemExit(f"unknown arguments {bad}; allowed: {sorted(allowed)}")
-    if "gt" not in args or "results" not in args:
-        raise SystemExit(f"gt=<annotation json> and results=<results json> are required\n{__doc__}")
-    try:
-        return _score(args)
-    except (BadSampleError, FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
-
-
-def _score(args: dict[str, str]) -> dict[str, float]:
-    import json
-
-    use_area = args.get("use_area")
-    evaluator = CocoKeypointEvaluator(
-        args["gt"],
-        dataset=args.get("dataset", "coco"),
-        keypoint_score_thr=float(args.get("keypoint_score_thr", 0.2)),
-        nms=args.get("nms", "none"),
-        nms_thr=float(args.get("nms_thr", 0.9)),
-        use_area=None if use_area is None else use_area.lower() in ("1", "true", "yes"),
-        verbose=True,
-        nonfinite=args.get("nonfinite", "error"),
-    )
-    if not os.path.isfile(args["results"]):
-        raise FileNotFoundError(f"results file not found: {args['results']}")
-    with open(args["results"]) as f:
-        results = json.load(f)
-    if not isinstance(results, list):
-        raise BadSampleError(f"{args['results']}: results must be a json list of entries")
-    evaluator.process(results_to_predictions(results, source=args["results"]))
-    metrics = evaluator.evaluate()
-    if evaluator.nonfinite == "miss":
-        metrics["nonfinite_dropped"] = float(len(evaluator.nonfinite_dropped))
-    out = Path(args.get("out") or Path(args["results"]).with_suffix(".metrics.json"))
-    write_json_atomic(out, metrics)
-    print(format_table(metrics, title=f"{evaluator.dataset} keypoint AP — {args['results']}"))
-    print(f"metrics written to {out}")
-    return metrics
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    main()

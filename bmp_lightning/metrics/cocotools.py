@@ -7,17 +7,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.records import BadSampleError
-from bmp_lightning.utils.run import to_json
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +25,6 @@ def quiet() -> Iterator[io.StringIO]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         yield buf
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as json to ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(to_json(obj))  # valid JSON: a NaN/inf is written as null
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def check_unique_ids(dataset: dict, ann_file: str) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from bmp_lightning.data.records import BadSampleError
-from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval, write_json_atomic
+from bmp_lightning.metrics.cocotools import load_coco_gt, run_cocoeval
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.structures.records import BadSampleError
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class CocoDetectionEvaluator:
         for iou_type in self.iou_types:
             results = self.results(iou_type)
             if outfile_prefix is not None:
-                write_json_atomic(f"{os.fspath(outfile_prefix)}.{iou_type}.json", results)
+                atomic_write_json(f"{os.fspath(outfile_prefix)}.{iou_type}.json", results, indent=None)
             if not results:
                 log.warning("%s: no %s detections to evaluate; AP is 0", self.ann_file, iou_type)
                 metrics.update({f"{iou_type}_{m}": 0.0 for m in DETECTION_METRICS})

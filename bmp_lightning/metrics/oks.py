@@ -17,19 +17,19 @@ from typing import Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import COCO_SIGMAS, CROWDPOSE_SIGMAS, SIGMAS
+from bmp_lightning.structures.keypoints import CROWDPOSE_SIGMAS, schema_for
 
 EPS = float(np.spacing(1))
 
-_DEFAULT_SIGMAS: dict[int, tuple[float, ...]] = {17: COCO_SIGMAS, 21: SIGMAS}
-
 
 def default_sigmas(num_keypoints: int, dataset: str | None = None) -> np.ndarray:
-    """OKS sigmas ``(K,)`` for ``K`` keypoints: COCO-17, the 21-slot schema, or CrowdPose-14."""
+    """OKS sigmas ``(K,)`` for ``K`` keypoints: a registered schema's (the 21-slot schema, its COCO-17 part), or
+    CrowdPose-14."""
+    schema = schema_for(num_keypoints)
     if dataset == "crowdpose" or (dataset is None and num_keypoints == 14):
         sig = CROWDPOSE_SIGMAS
-    elif num_keypoints in _DEFAULT_SIGMAS:
-        sig = _DEFAULT_SIGMAS[num_keypoints]
+    elif schema is not None:
+        sig = schema.sigmas[:num_keypoints]
     else:
         raise ValueError(f"no default OKS sigmas for {num_keypoints} keypoints; pass sigmas explicitly")
     if len(sig) != num_keypoints:

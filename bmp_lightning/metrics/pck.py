@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import KEYPOINTS
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
+from bmp_lightning.structures.keypoints import KEYPOINTS
 
 
 def _np(x: Any) -> np.ndarray:

@@ -17,9 +17,10 @@ Recipe (docs/recipes.md#mask-out-fine-tune):
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
+from bmp_lightning.interop.hub import resolve_weights
+from bmp_lightning.interop.mmdet import rtmdet_state_dict
+from bmp_lightning.metrics.detection import CocoDetectionEvaluator
 from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion
 from bmp_lightning.models.ema import ExpMomentumEMA
-from bmp_lightning.models.optim import train_steps_per_epoch
+from bmp_lightning.models.optim import build_warmup_cosine, make_optimizer, train_steps_per_epoch
+from bmp_lightning.structures.checkpoint import safe_load
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,
@@ -72,35 +76,6 @@ def rtmdet_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in (decay, no_decay) if g["params"]]
 
 
-def rtmdet_lr_factor(
-    step: int,
-    steps_per_epoch: int,
-    max_epochs: int,
-    warmup_iters: int = 1000,
-    warmup_factor: float = 1e-5,
-    cosine_begin_epoch: int = 150,
-    eta_min_ratio: float = 0.05,
-) -> float:
-    """lr multiplier at optimizer step ``step`` (0-based): MMEngine ``LinearLR`` then ``CosineAnnealingLR``.
-
-    ``warm = warmup_factor + (1 - warmup_factor) * step / warmup_iters`` before ``warmup_iters``, else 1;
-    ``cos = 1`` before ``b = cosine_begin_epoch * steps_per_epoch``, then
-    ``eta + (1 - eta) * (1 + cos(pi * (step - b) / (e - b))) / 2`` up to ``e = max_epochs * steps_per_epoch``,
-    ``eta`` after. Returns ``warm * cos`` (the two only overlap in very short runs).
-    """
-    if steps_per_epoch <= 0:
-        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    warm = warmup_factor + (1.0 - warmup_factor) * step / warmup_iters if step < warmup_iters else 1.0
-    begin, end = cosine_begin_epoch * steps_per_epoch, max_epochs * steps_per_epoch
-    if step < begin:
-        cos = 1.0
-    elif step >= end:
-        cos = eta_min_ratio
-    else:
-        cos = eta_min_ratio + (1.0 - eta_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * (step - begin) / (end - begin)))
-    return warm * cos
-
-
 # ---------------------------------------------------------------------------------------------- weights
 def load_init_weights(net: nn.Module, path: str | os.PathLike, keep_classes: bool = False) -> list[str]:
     """Initialise an ``RTMDetIns`` from ours, a Lightning ``.ckpt`` (its EMA copy) or official MMDetection weights.
@@ -112,9 +87,6 @@ def load_init_weights(net: nn.Module, path: str | os.PathLike, keep_classes: boo
     Returns:
         the keys left at their initial values.
     """
-    from bmp_lightning.detector import rtmdet_state_dict
-    from bmp_lightning.interop.checkpoint import safe_load
-    from bmp_lightning.interop.hub import resolve_weights
 
     path = resolve_weights(path, key="model.init_weights", kind="detector")  # a name such as rtmdet-l-bmp
     ckpt = safe_load(path, placeholders=True)
@@ -166,6 +138,10 @@ class InstSegLitModule(L.LightningModule):
         criterion: loss keyword arguments for ``RTMDetInsCriterion`` (weights, eps).
         max_nonfinite_steps: NaN/inf losses to skip (no optimizer or EMA step; counted as ``train/nonfinite_steps``)
             before the run stops with an error; 0 stops at the first.
+        optimizer: the ``optimizer`` config group, a partial called with the parameter groups (``None``: AdamW with
+            ``lr``, ``betas``, ``weight_decay``); the numbers stay this module's keys.
+        scheduler: the ``scheduler`` config group, a partial called with the optimizer, the steps per epoch and
+            ``max_epochs`` (``None``: warm-up + cosine from this module's keys); stepped after every optimizer step.
     """
 
     def __init__(
@@ -192,11 +168,23 @@ class InstSegLitModule(L.LightningModule):
         val_name: str | None = None,
         criterion: dict[str, Any] | None = None,
         max_nonfinite_steps: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
     ) -> None:
         betas = tuple(float(b) for b in to_plain(betas))  # plain values in the checkpoint's hyper_parameters
         criterion = dict(to_plain(criterion)) if criterion else None
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.optimizer_factory = optimizer or functools.partial(
+            torch.optim.AdamW, lr=lr, betas=betas, weight_decay=weight_decay
+        )
+        self.scheduler_factory = scheduler or functools.partial(
+            build_warmup_cosine,
+            warmup_iters=warmup_iters,
+            warmup_factor=warmup_factor,
+            cosine_begin_epoch=cosine_begin_epoch,
+            eta_min_ratio=eta_min_ratio,
+        )
         if num_classes is not None and int(num_classes) != int(net.num_classes):
             raise ValueError(f"model.num_classes={num_classes} but the network has {net.num_classes} classes")
         self.model = net
@@ -287,7 +275,6 @@ class InstSegLitModule(L.LightningModule):
         return "val"
 
     def _build_evaluator(self):
-        from bmp_lightning.metrics.detection import CocoDetectionEvaluator
 
         dm = getattr(self.trainer, "datamodule", None)
         ann = getattr(dm, "val_ann", None)
@@ -305,29 +292,25 @@ class InstSegLitModule(L.LightningModule):
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, Any], model: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections in original image pixels for a datamodule batch (EMA network unless ``model`` is given)."""
-        from bmp_lightning.models.components.rtmdet.postprocess import postprocess
 
         net = model if model is not None else self.eval_model
         x = self.normalize(batch["img"])
         was_training = net.training
         net.eval()  # BN on running statistics, whatever mode the caller is in
-        out = net(x)
-        net.train(was_training)
-        out = {k: ([t.float() for t in v] if isinstance(v, (list, tuple)) else v.float()) for k, v in out.items()}
         meta = batch["meta"]
-        return postprocess(
-            out,
-            tuple(x.shape[-2:]),
-            [tuple(m["ori_shape"]) for m in meta],
-            [tuple(m["scale_factor"]) for m in meta],
-            strides=net.strides,
-            mask_stride=net.strides[0],
-            score_thr=self.hparams.score_thr,
-            nms_pre=self.hparams.nms_pre,
-            nms_iou=self.hparams.nms_iou,
-            max_per_img=self.hparams.max_per_img,
-            mask_thr=self.hparams.mask_thr,
-        )
+        try:
+            return net.predict(
+                x,
+                [tuple(m["ori_shape"]) for m in meta],
+                [tuple(m["scale_factor"]) for m in meta],
+                score_thr=self.hparams.score_thr,
+                nms_pre=self.hparams.nms_pre,
+                nms_iou=self.hparams.nms_iou,
+                max_per_img=self.hparams.max_per_img,
+                mask_thr=self.hparams.mask_thr,
+            )
+        finally:
+            net.train(was_training)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         dets = self.predict_batch(batch)
@@ -376,24 +359,10 @@ class InstSegLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = rtmdet_param_groups(self.model, hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = make_optimizer(self.optimizer_factory, rtmdet_param_groups(self.model, self.hparams.weight_decay))
         max_epochs = self.trainer.max_epochs
         if not max_epochs or max_epochs < 0:
             raise ValueError("InstSegLitModule needs trainer.max_epochs (the cosine schedule ends there)")
-        steps_per_epoch = train_steps_per_epoch(self.trainer)
-
-        def factor(step: int) -> float:
-            return rtmdet_lr_factor(
-                step,
-                steps_per_epoch,
-                max_epochs,
-                hp.warmup_iters,
-                hp.warmup_factor,
-                hp.cosine_begin_epoch,
-                hp.eta_min_ratio,
-            )
-
-        scheduler = LambdaLR(optimizer, factor)
+        steps = train_steps_per_epoch(self.trainer)
+        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=steps, max_epochs=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

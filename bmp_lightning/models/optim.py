@@ -12,9 +12,10 @@ Our block names are ``backbone.blocks.{i}``; MMPose's ``backbone.layers.{i}`` is
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -118,6 +119,65 @@ def build_warmup_multistep(
 
 
 build_warmup_multistep_scheduler = build_warmup_multistep  # longer alias
+
+
+def rtmdet_lr_factor(
+    step: int,
+    steps_per_epoch: int,
+    max_epochs: int,
+    warmup_iters: int = 1000,
+    warmup_factor: float = 1e-5,
+    cosine_begin_epoch: int = 150,
+    eta_min_ratio: float = 0.05,
+) -> float:
+    """lr multiplier at optimizer step ``step`` (0-based): MMEngine ``LinearLR`` then ``CosineAnnealingLR``.
+
+    ``warm = warmup_factor + (1 - warmup_factor) * step / warmup_iters`` before ``warmup_iters``, else 1;
+    ``cos = 1`` before ``b = cosine_begin_epoch * steps_per_epoch``, then
+    ``eta + (1 - eta) * (1 + cos(pi * (step - b) / (e - b))) / 2`` up to ``e = max_epochs * steps_per_epoch``,
+    ``eta`` after. Returns ``warm * cos`` (the two only overlap in very short runs).
+    """
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    warm = warmup_factor + (1.0 - warmup_factor) * step / warmup_iters if step < warmup_iters else 1.0
+    begin, end = cosine_begin_epoch * steps_per_epoch, max_epochs * steps_per_epoch
+    if step < begin:
+        cos = 1.0
+    elif step >= end:
+        cos = eta_min_ratio
+    else:
+        cos = eta_min_ratio + (1.0 - eta_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * (step - begin) / (end - begin)))
+    return warm * cos
+
+
+def build_warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    max_epochs: int,
+    warmup_iters: int = 1000,
+    warmup_factor: float = 1e-5,
+    cosine_begin_epoch: int = 150,
+    eta_min_ratio: float = 0.05,
+) -> LambdaLR:
+    """Per-step ``LambdaLR`` for :func:`rtmdet_lr_factor` (RTMDet-Ins); step it after every optimizer step."""
+    if not max_epochs or max_epochs < 0:
+        raise ValueError("the warm-up + cosine schedule needs trainer.max_epochs (the cosine ends there)")
+
+    def factor(step: int) -> float:
+        return rtmdet_lr_factor(
+            step, steps_per_epoch, max_epochs, warmup_iters, warmup_factor, cosine_begin_epoch, eta_min_ratio
+        )
+
+    return LambdaLR(optimizer, factor)
+
+
+def make_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Any) -> torch.optim.Optimizer:
+    """Call an optimizer partial (the ``optimizer`` config group) on parameter groups; list values from the YAML
+    (``betas``) become tuples, as torch's defaults are, so checkpoints hold the same optimizer state either way."""
+    if isinstance(factory, functools.partial):
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in factory.keywords.items()}
+        return factory.func(params, *factory.args, **kw)
+    return factory(params)
 
 
 def train_steps_per_epoch(trainer: Any) -> int:

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
+from bmp_lightning.metrics.coco import CocoKeypointEvaluator
 from bmp_lightning.metrics.gather import deduplicate, gather_predictions
+from bmp_lightning.metrics.pck import pck
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ def _val_specs(module: Any) -> list[dict[str, Any]]:
 
 def _pck_metrics(preds: list[dict[str, Any]], thr: float = 0.2) -> dict[str, float]:
     """PCK@thr normalised by the GT-box size (the bbox_scale / 1.25 box), over labelled joints."""
-    from bmp_lightning.metrics.pck import pck
 
     preds = [p for p in preds if "keypoints_gt" in p]
     if not preds:
@@ -55,8 +56,6 @@ def evaluate_val_sets(module: Any, preds_by_loader: dict[int, list[dict[str, Any
         name = spec.get("name", f"val{idx}")
         kind = spec.get("metric", "coco")
         if kind == "coco" and spec.get("ann_file"):
-            from bmp_lightning.metrics.coco import CocoKeypointEvaluator
-
             evaluator = CocoKeypointEvaluator(spec["ann_file"], dataset=spec.get("dataset", "coco"))
             evaluator.process(preds)
             out_dir = Path(module.trainer.default_root_dir or ".")

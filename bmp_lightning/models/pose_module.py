@@ -6,8 +6,10 @@ records ``use_mask`` for the inference API and the visualiser.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -15,10 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoint_mse_loss, keypoints_to_image
+from bmp_lightning.data.codec import UDPHeatmap, flip_test_heatmaps, keypoint_mse_loss
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD
-from bmp_lightning.data.keypoints import FLIP_INDICES, NUM_KEYPOINTS
-from bmp_lightning.models.optim import build_warmup_multistep, layer_decay_param_groups, train_steps_per_epoch
+from bmp_lightning.interop.pose_weights import load_pose_weights
+from bmp_lightning.models.optim import (
+    build_warmup_multistep,
+    layer_decay_param_groups,
+    make_optimizer,
+    train_steps_per_epoch,
+)
+from bmp_lightning.models.pose_eval import evaluate_val_sets
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS, flip_indices_for
 from bmp_lightning.utils.common import to_plain
 from bmp_lightning.utils.fit_guard import (
     NonFiniteGuard,
@@ -50,6 +59,10 @@ class PoseLitModule(L.LightningModule):
         score_thr: keypoint score threshold for the COCO instance score (0.2 upstream).
         max_nonfinite_steps: NaN/inf losses to skip (no optimizer step; counted as ``train/nonfinite_steps``) before
             the run stops with an error; 0 stops at the first.
+        optimizer: the ``optimizer`` config group, a partial called with the parameter groups (``None``: AdamW with
+            ``lr``, ``betas``, ``weight_decay``); the numbers stay this module's keys.
+        scheduler: the ``scheduler`` config group, a partial called with the optimizer and the steps per epoch
+            (``None``: warm-up + multi-step from this module's keys); stepped after every optimizer step.
     """
 
     def __init__(
@@ -73,14 +86,24 @@ class PoseLitModule(L.LightningModule):
         sigma: float = 2.0,
         compile: bool = False,
         max_nonfinite_steps: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.optimizer_factory = optimizer or functools.partial(
+            torch.optim.AdamW, lr=lr, betas=tuple(betas), weight_decay=weight_decay
+        )
+        self.scheduler_factory = scheduler or functools.partial(
+            build_warmup_multistep,
+            warmup_iters=warmup_iters,
+            warmup_factor=warmup_factor,
+            milestones=tuple(milestones),
+            gamma=gamma,
+        )
         self.net = net
         self.codec = UDPHeatmap(input_size=tuple(input_size), heatmap_size=tuple(heatmap_size), sigma=sigma)
         if init_weights:
-            from bmp_lightning.interop.pose_weights import load_pose_weights
-
             load_pose_weights(self.net, init_weights, allow_random_init=allow_random_init)
         self._val_preds: dict[int, list[dict[str, Any]]] = defaultdict(list)
         # the Hydra config of `net` (set by the entry point), stored in checkpoints so PoseEstimator can rebuild it
@@ -106,27 +129,20 @@ class PoseLitModule(L.LightningModule):
         return int(self.net.num_keypoints) if hasattr(self.net, "num_keypoints") else NUM_KEYPOINTS
 
     def flip_indices(self) -> list[int]:
-        return list(FLIP_INDICES[: self.num_keypoints])
+        return list(flip_indices_for(self.num_keypoints))
 
     @torch.no_grad()
     def predict_heatmaps(self, img: torch.Tensor, flip_test: bool | None = None) -> torch.Tensor:
         """Heatmaps, averaged with the flipped crop's heatmaps (mirrored and channel-swapped, no shift)."""
         flip_test = self.hparams.flip_test if flip_test is None else flip_test
-        img = self.normalize(img)
-        if not flip_test:
-            return self.net(img)
-        both = self.net(torch.cat([img, img.flip(-1)], 0))
-        hm, hm_flip = both.chunk(2, 0)
-        return 0.5 * (hm + flip_heatmaps(hm_flip, self.flip_indices()))
+        return flip_test_heatmaps(self.net, self.normalize(img), self.flip_indices(), flip_test)
 
     @torch.no_grad()
     def decode(
         self, heatmaps: torch.Tensor, center: torch.Tensor, scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Heatmaps -> keypoints (B,K,2) in image pixels and scores (B,K) (DARK-UDP)."""
-        kpts, scores = self.codec.decode(heatmaps.float())
-        kpts = keypoints_to_image(kpts, center.to(kpts), scale.to(kpts), self.codec.input_size)
-        return kpts, scores
+        return self.codec.decode_to_image(heatmaps, center, scale)
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -180,7 +196,6 @@ class PoseLitModule(L.LightningModule):
             self._val_preds[dataloader_idx].append(pred)
 
     def on_validation_epoch_end(self) -> None:
-        from bmp_lightning.models.pose_eval import evaluate_val_sets
 
         metrics = evaluate_val_sets(self, self._val_preds)
         for name, value in metrics.items():
@@ -207,14 +222,6 @@ class PoseLitModule(L.LightningModule):
         groups = layer_decay_param_groups(
             self.net, base_lr=hp.lr, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay, num_layers=hp.num_layers
         )
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        steps_per_epoch = train_steps_per_epoch(self.trainer)
-        scheduler = build_warmup_multistep(
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            warmup_iters=hp.warmup_iters,
-            warmup_factor=hp.warmup_factor,
-            milestones=tuple(hp.milestones),
-            gamma=hp.gamma,
-        )
+        optimizer = make_optimizer(self.optimizer_factory, groups)
+        scheduler = self.scheduler_factory(optimizer, steps_per_epoch=train_steps_per_epoch(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -39,6 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from bmp_lightning.data.codec import keypoint_mse_loss
+from bmp_lightning.data.synthetic import sample_scene
+from bmp_lightning.detector import Detector
+from bmp_lightning.models.components.pose_net import vitpose_b, vitpose_tiny
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.tools import bench_pose
+from bmp_lightning.tools.bench_det import _image
+from bmp_lightning.tools.bench_loop import IMAGE_HW, bench_set
+from bmp_lightning.utils.cli import parse_key_values
+
 ROOT = Path(__file__).resolve().parents[2]
 USAGE = __doc__.split("\n\n")[1]
 
@@ -62,7 +74,6 @@ def _sync(device: str) -> None:
 
 
 def _pose_net(tiny: bool) -> torch.nn.Module:
-    from bmp_lightning.models.components.pose_net import vitpose_b, vitpose_tiny
 
     torch.manual_seed(0)
     return vitpose_tiny(num_keypoints=21) if tiny else vitpose_b(num_keypoints=21)
@@ -81,7 +92,6 @@ def flops_per_sample(net: torch.nn.Module, x: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- sections
 def check_pose_train(device: str, tiny: bool, steps: int, batch: int) -> dict[str, Any]:
-    from bmp_lightning.data.codec import keypoint_mse_loss
 
     net = _pose_net(tiny).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4)
@@ -195,10 +205,8 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_pose_estimator(device: str, tiny: bool, n_boxes: int) -> dict[str, Any]:
-    from bmp_lightning.pose import PoseEstimator
-    from bmp_lightning.utils.bench_pose import sample_scene
 
-    img, boxes, masks, what = sample_scene(n_boxes)
+    img, boxes, masks, what = bench_pose.sample_scene(n_boxes)
     net = _pose_net(tiny).eval()
     ref = PoseEstimator(copy.deepcopy(net), use_mask=True, flip_test=True, device="cpu")
     est = PoseEstimator(net, use_mask=True, flip_test=True, device=device)
@@ -236,9 +244,6 @@ def _flat_tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def check_detector(device: str, tiny: bool) -> dict[str, Any]:
-    from bmp_lightning.detector import Detector
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
-    from bmp_lightning.utils.bench_det import _image
 
     torch.manual_seed(0)
     size = "tiny" if tiny else "l"
@@ -266,9 +271,6 @@ def check_detector(device: str, tiny: bool) -> dict[str, Any]:
 
 
 def check_bmp_loop(device: str, tiny: bool, n_images: int = 2) -> dict[str, Any]:
-    from bmp_lightning.data.synthetic import sample_scene
-    from bmp_lightning.utils.bench_loop import IMAGE_HW, bench_set
-
     scenes = [sample_scene(np.random.default_rng([2025, i]), IMAGE_HW, min_people=6, max_people=6)
               for i in range(n_images)]  # fmt: skip
     t, notes = bench_set("tiny" if tiny else "full", scenes, device, own_outputs=False)
@@ -289,8 +291,6 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, port: int, device: str, tiny: bool, batch: int, out: str) -> None:
     import torch.distributed as dist
-
-    from bmp_lightning.data.codec import keypoint_mse_loss
 
     cuda = device.startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -405,8 +405,6 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bmp_lightning.utils.cli import parse_key_values
-    from bmp_lightning.utils.run import atomic_write_json
 
     args = parse_key_values(sys.argv[1:] if argv is None else argv, USAGE)
     out = Path(args.get("out", "logs/gpu_check.json"))

@@ -47,13 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import mask_to_rle
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.loop.build import load_detector
+from bmp_lightning.structures.files import atomic_write_json, to_json
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.tools.make_sam_masks import write_skip_report
 from bmp_lightning.utils.cli import parse_key_values
-from bmp_lightning.utils.distributed import DistContext
-from bmp_lightning.utils.run import atomic_write_json, to_json
+from bmp_lightning.utils.common import resolve_device
+from bmp_lightning.utils.distributed import DistContext, device_for_rank, init_distributed
 
 log = logging.getLogger("bmp_lightning.make_detections")
 
@@ -348,8 +350,6 @@ def _flag(value: str, key: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """CLI (see the module docstring)."""
-    from bmp_lightning.loop.build import load_detector
-    from bmp_lightning.loop.evaluate import resolve_device
 
     args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"ann", "images", "detector", "out", "device", "score_thr", "max_images", "segm", "input_size",
@@ -364,7 +364,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         max_images = int(args["max_images"]) if args.get("max_images", "") not in ("", "null", "none") else None
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
 
     device = resolve_device(args.get("device", "cpu"))
     dist = init_distributed(device)  # torchrun / srun: one shard of the images per rank

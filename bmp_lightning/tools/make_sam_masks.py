@@ -42,13 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
 from bmp_lightning.data.readers import mpii_box
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.loop.build import load_segmenter
+from bmp_lightning.loop.segmenter import DEFAULT_SAM2
+from bmp_lightning.structures.files import atomic_write_json
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import mask_to_polygons, mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.utils.cli import parse_key_values
-from bmp_lightning.utils.distributed import DistContext
-from bmp_lightning.utils.run import atomic_write_json
+from bmp_lightning.utils.common import resolve_device
+from bmp_lightning.utils.distributed import DistContext, device_for_rank, init_distributed
 
 log = logging.getLogger("bmp_lightning.make_sam_masks")
 
@@ -333,9 +336,6 @@ def _segment(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """CLI (see the module docstring)."""
-    from bmp_lightning.loop.build import load_segmenter
-    from bmp_lightning.loop.evaluate import resolve_device
-    from bmp_lightning.loop.segmenter import DEFAULT_SAM2
 
     args = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "")
     allowed = {"ann", "images", "out", "format", "sam", "device", "mask_format", "every", "local_files_only", "strict"}
@@ -345,7 +345,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         raise SystemExit(f"ann=<json> and images=<dir> are required\n{__doc__}")
     local = args.get("local_files_only", "false").lower() in ("1", "true", "yes")
     opts = {"local_files_only": local} if args.get("sam", DEFAULT_SAM2) != "tiny_random" else {}
-    from bmp_lightning.utils.distributed import device_for_rank, init_distributed
 
     device = resolve_device(args.get("device", "cpu"))
     dist = init_distributed(device)  # torchrun / srun: one shard of the images per rank

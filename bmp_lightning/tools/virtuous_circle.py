@@ -1,7 +1,10 @@
 """The virtuous circle, shown small: train the tiny detector and tiny MaskPose on synthetic crowds (CPU), run the BMP
 loop on held-out denser crowds, and compare iteration 1 with iteration 2.
 
-``python -m bmp_lightning.tools.virtuous_circle [--out logs/bmp_synthetic] [--det-epochs 30] [--pose-epochs 16]``
+``python -m bmp_lightning.tools.virtuous_circle [out=logs/bmp_synthetic] [det_epochs=30] [pose_epochs=16]``
+``[det_ckpt=<ckpt>] [pose_ckpt=<ckpt>] [threads=1] [det_arg=<override> ...] [pose_arg=...] [eval_arg=...]``
+(``det_ckpt`` / ``pose_ckpt``: use these models instead of training; ``*_arg``: extra overrides of the detector
+training, the pose training and the BMP evaluation job, repeatable).
 
 Steps (each one skipped when its output exists and is complete, so a second run reuses the first one's work):
 
@@ -16,13 +19,12 @@ Steps (each one skipped when its output exists and is complete, so a second run 
    at IoU 0.5 (one-to-one greedy matching) per iteration, and the people iteration 2 found that iteration 1 missed.
 
 Training is deterministic on CPU (seeded data order and augmentation), so the figures repeat run to run.
-A shorter budget (``--det-epochs 12``) rescales the detector's schedule (stage-2 switch 5 epochs before the end, cosine
+A shorter budget (``det_epochs=12``) rescales the detector's schedule (stage-2 switch 5 epochs before the end, cosine
 from the middle) and the pose schedule (lr x0.1 for the last two epochs).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -30,15 +32,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from bmp_lightning.utils.run import to_json
+from bmp_lightning.structures.files import to_json
+from bmp_lightning.utils.cli import parse_key_values
 
 log = logging.getLogger("bmp_lightning.virtuous_circle")
 
-SPLIT_NAME = "synthetic_crowd"  # data.name of conf/experiment/bmp_synthetic_eval.yaml
+SPLIT_NAME = "synthetic_crowd"  # split.name of conf/experiment/bmp_synthetic_eval.yaml
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -233,17 +237,19 @@ def evaluate(out: Path, det: Path, pose: Path, threads: int, extra: Sequence[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("logs/bmp_synthetic"), help="run folder (default %(default)s)")
-    parser.add_argument("--det-epochs", type=int, default=30, help="detector epochs of 16 steps (default 30)")
-    parser.add_argument("--pose-epochs", type=int, default=16, help="pose epochs of 35 steps (default 16)")
-    parser.add_argument("--det-ckpt", type=Path, default=None, help="use this detector instead of training one")
-    parser.add_argument("--pose-ckpt", type=Path, default=None, help="use this pose model instead of training one")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process (default 1)")
-    parser.add_argument("--det-arg", action="append", default=[], help="extra override of the detector training")
-    parser.add_argument("--pose-arg", action="append", default=[], help="extra override of the pose training")
-    parser.add_argument("--eval-arg", action="append", default=[], help="extra override of the BMP evaluation job")
-    args = parser.parse_args(argv)
+    multi = ("det_arg", "pose_arg", "eval_arg")
+    a = parse_key_values(sys.argv[1:] if argv is None else argv, __doc__ or "", multi=multi)
+    if bad := sorted(set(a) - {"out", "det_epochs", "pose_epochs", "det_ckpt", "pose_ckpt", "threads", *multi}):
+        raise SystemExit(f"unknown arguments {bad}\n{__doc__}")
+    args = SimpleNamespace(
+        out=Path(a.get("out", "logs/bmp_synthetic")),
+        det_epochs=int(a.get("det_epochs", 30)),  # epochs of 16 steps
+        pose_epochs=int(a.get("pose_epochs", 16)),  # epochs of 35 steps
+        det_ckpt=Path(a["det_ckpt"]) if a.get("det_ckpt") else None,
+        pose_ckpt=Path(a["pose_ckpt"]) if a.get("pose_ckpt") else None,
+        threads=int(a.get("threads", 1)),  # torch intra-op threads per process
+        **{k: a[k] for k in multi},
+    )
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
 
     t0 = time.perf_counter()

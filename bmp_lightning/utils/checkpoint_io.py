@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from bmp_lightning.structures.files import atomic_torch_save
 from bmp_lightning.utils.fit_guard import check_finite_state
 
 log = logging.getLogger(__name__)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -43,20 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         check_finite_state(checkpoint, path)  # NaN/inf weights never become last.ckpt / best
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint gets the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"), fsync=True)
 
 
 def remove_stale_tmp_files(dirs: Iterable[str | os.PathLike | None]) -> int:

@@ -2,7 +2,7 @@
 
 ``trainer.max_epochs=abc`` used to end in a ``TypeError`` deep inside Lightning that named neither the key nor the
 type wanted. :func:`check_config_types` walks every ``_target_`` node of a config, reads the target's signature and
-raises :class:`~bmp_lightning.utils.errors.ConfigError` (``trainer.max_epochs='abc': expected int or None``) for a
+raises :class:`~bmp_lightning.structures.errors.ConfigError` (``trainer.max_epochs='abc': expected int or None``) for a
 value that cannot be of the annotated type. Only annotations it fully understands are checked (int, float, bool, str,
 None, Literal, unions, lists/tuples/sequences/dicts of those); anything else (classes, callables, forward references
 it cannot resolve) is left to the target itself, so a valid config is never refused.
@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bmp_lightning.utils.errors import ConfigError
+from bmp_lightning.structures.errors import ConfigError
 
 _UNKNOWN = object()  # an annotation this checker does not understand: accept any value
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from bmp_lightning.utils.errors import UserError
+from bmp_lightning.structures.errors import UserError
 
 log = logging.getLogger(__name__)
 

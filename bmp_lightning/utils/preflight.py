@@ -23,6 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bmp_lightning.interop.hub import WeightsUnavailableError, cached_path, download, hub_weights, known_file
+
 log = logging.getLogger("bmp_lightning.preflight")
 
 
@@ -49,6 +51,10 @@ def _not_synthetic(cfg: DictConfig) -> bool:  # the synthetic generator writes t
     return not OmegaConf.select(cfg, "data.synthetic")
 
 
+def _split_not_synthetic(cfg: DictConfig) -> bool:
+    return not OmegaConf.select(cfg, "split.synthetic")
+
+
 def _segmenter_sam2(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "loop.segmenter", default="sam2")) == "sam2"
 
@@ -73,9 +79,9 @@ INPUT_KEYS: tuple[InputKey, ...] = (
     InputKey("data.train_img_dir", "images", "data.root", _TRAIN, _not_synthetic),
     InputKey("data.val_ann", "annotations", "data.root", None, _not_synthetic),
     InputKey("data.val_img_dir", "images", "data.root", None, _not_synthetic),
-    # the BMP job / demo (conf/bmp.yaml, conf/bmp_data/*.yaml, conf/demo.yaml)
-    InputKey("data.ann_file", "annotations", None, ("bmp",), _not_synthetic),
-    InputKey("data.img_dir", "images", None, ("bmp",), _not_synthetic),
+    # the BMP job / demo (conf/bmp.yaml, conf/split/*.yaml, conf/demo.yaml)
+    InputKey("split.ann_file", "annotations", None, ("bmp",), _split_not_synthetic),
+    InputKey("split.img_dir", "images", None, ("bmp",), _split_not_synthetic),
     InputKey("input", "images", None, ("demo",)),
     InputKey("detector", "weights", None, ("bmp", "demo")),
     InputKey("pose", "weights", None, ("bmp", "demo")),
@@ -164,7 +170,6 @@ def _source_for(path: str, root: str | None, images: str | None = None) -> str:
 
 
 def _weights_requirement(key: str, value: str, kind: str, cfg: DictConfig, fetch: bool) -> Requirement | None:
-    from bmp_lightning.interop.hub import WeightsUnavailableError, cached_path, download, hub_weights, known_file
 
     if kind == "checkpoint" and value == "auto":
         return None  # resumes the latest run when there is one

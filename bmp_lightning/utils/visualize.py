@@ -7,7 +7,7 @@ import colorsys
 import cv2
 import numpy as np
 
-from bmp_lightning.data.keypoints import SKELETON
+from bmp_lightning.structures.keypoints import SKELETON
 
 
 def palette(n: int, seed: int = 0) -> list[tuple[int, int, int]]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bmp_lightning.data.masks import mask_to_rle
 from bmp_lightning.data.readers import ReadReport, read_coco_keypoints, read_detections, read_mpii
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.masks import mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 
 KP17 = [10, 10, 2] * 17
 

@@ -11,7 +11,7 @@ import pytest
 def test_bench_data_prints_the_four_pipelines_profile_and_pose_crops(
     sample_data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
-    from bmp_lightning.utils import bench
+    from bmp_lightning.tools import bench
 
     monkeypatch.setattr(bench, "SHARED", sample_data_dir.parent)
     monkeypatch.setenv("BENCH_EPOCHS", "1")

@@ -14,7 +14,7 @@ from bmp_lightning.data.codec import (
     keypoint_mse_loss,
     keypoints_to_image,
 )
-from bmp_lightning.data.keypoints import COCO_FLIP_INDICES, FLIP_INDICES
+from bmp_lightning.structures.keypoints import COCO_FLIP_INDICES, FLIP_INDICES
 
 SF = np.array([191 / 47, 255 / 63])  # input pixels per heatmap pixel
 

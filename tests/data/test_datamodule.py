@@ -10,10 +10,10 @@ import torch
 
 from bmp_lightning.data.codec import UDPHeatmap
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD, TopDownPoseDataset, concat_records
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.readers import read_coco_keypoints, read_mpii
 from bmp_lightning.data.samplers import MultiSourceBatchSampler
 from bmp_lightning.data.transforms import build_pose_pipeline
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -194,7 +194,7 @@ def test_real_dataset_configs_point_at_upstream_files(tmp_path: Path, name: str,
     """Without the datasets, instantiation works and setup names the first missing file."""
     import hydra
 
-    from bmp_lightning.data.records import BadSampleError
+    from bmp_lightning.structures.records import BadSampleError
 
     cfg = cfg_data(name, f"paths.data_dir={tmp_path}")
     dm = hydra.utils.instantiate(cfg.data)

@@ -18,8 +18,8 @@ from bmp_lightning.data.instseg_datamodule import (
     collate_instseg,
 )
 from bmp_lightning.data.instseg_transforms import build_train_pipeline, masks_to_boxes
-from bmp_lightning.data.masks import mask_to_rle
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.masks import mask_to_rle
+from bmp_lightning.structures.records import BadSampleError
 
 
 def _write_img(path: Path, h: int, w: int, seed: int = 0) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bmp_lightning.data.keypoints import SOURCE_NUM_KEYPOINTS
 from bmp_lightning.data.readers import ReadReport, read_detections, read_source
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.keypoints import SOURCE_NUM_KEYPOINTS
+from bmp_lightning.structures.records import BadSampleError
 
 SOURCES = ["coco", "aic", "ochuman", "crowdpose"]
 
@@ -123,7 +123,7 @@ def test_detections_need_well_formed_ground_truth_images(tmp_path: Path):
 
 def test_instseg_dataset_entries(tmp_path: Path):
     from bmp_lightning.data.instseg_dataset import InstSegDataset
-    from bmp_lightning.data.records import skip_summary
+    from bmp_lightning.structures.records import skip_summary
 
     poly = [[5, 5, 25, 5, 25, 35, 5, 35]]
     anns = [dict(_ann(10 + i, i + 1, "coco"), segmentation=poly, area=600.0) for i in range(3)]

@@ -21,7 +21,6 @@ from scipy.ndimage import distance_transform_edt
 from bmp_lightning.data.crop import source_region, warp_region
 from bmp_lightning.data.datasets import TopDownPoseDataset
 from bmp_lightning.data.mask_perturb import BRANCHES, nearest_seed, perturb_mask, perturb_mask_region
-from bmp_lightning.data.masks import RleMask, segmentation_to_mask
 from bmp_lightning.data.readers import read_coco_keypoints
 from bmp_lightning.data.synthetic import sample_scene
 from bmp_lightning.data.transforms import (
@@ -34,6 +33,7 @@ from bmp_lightning.data.transforms import (
     build_pose_pipeline,
     get_udp_warp_matrix,
 )
+from bmp_lightning.structures.masks import RleMask, segmentation_to_mask
 
 PIPELINES = [(True, False), (True, True), (False, False), (False, True)]  # (train, MaskPose)
 IDS = ["train-vitpose", "train-maskpose", "val-vitpose", "val-maskpose"]
@@ -273,7 +273,7 @@ def test_dataset_samples_equal_reference_dataset(sample_data_dir: Path, train: b
 
 
 def test_rle_mask_decodes_boxes_like_pycocotools(sample_data_dir: Path):
-    from bmp_lightning.data.masks import mask_to_rle
+    from bmp_lightning.structures.masks import mask_to_rle
 
     doc = json.loads((sample_data_dir / "coco" / "test_coco.json").read_text())
     sizes = {im["id"]: (im["height"], im["width"]) for im in doc["images"]}

@@ -11,17 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
-from bmp_lightning.data.keypoints import KEYPOINTS, NUM_COCO_KEYPOINTS, SOURCE_MAPPINGS, from_merged, to_merged
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.synthetic import (
     Figure,
     figure_keypoints,
     generate,
-    main,
     rasterize_figure,
     render_scene,
     sample_figure,
 )
+from bmp_lightning.structures.keypoints import KEYPOINTS, NUM_COCO_KEYPOINTS, SOURCE_MAPPINGS, from_merged, to_merged
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 K = {name: i for i, name in enumerate(KEYPOINTS)}
 H, W = 256, 320
@@ -333,23 +332,6 @@ def test_polygon_segmentation_mode(tmp_path):
         mp, mr = segmentation_to_mask(x["segmentation"], H, W), segmentation_to_mask(y["segmentation"], H, W)
         ious.append((mp & mr).sum() / (mp | mr).sum())
     assert np.mean(ious) > 0.8  # contour polygons lose about half a pixel at the border and fill holes
-
-
-def test_cli(tmp_path, capsys):
-    paths = main([f"out={tmp_path / 'cli'}", "n_images=3", "seed=1", "val_fraction=0.34", "image_size=128,160"])
-    out = capsys.readouterr().out
-    assert "person_keypoints_train.json" in out and "mpii_val.json" in out
-    assert len(list(paths["images_train"].glob("*.jpg"))) == 2 and len(list(paths["images_val"].glob("*.jpg"))) == 1
-    assert cv2.imread(str(next(paths["images_val"].glob("*.jpg")))).shape == (128, 160, 3)
-    with pytest.raises(SystemExit, match="out=DIR"):
-        main(["n_images=3"])
-    with pytest.raises(SystemExit, match="bogus"):
-        main([f"out={tmp_path / 'bad'}", "bogus=1"])
-    paths = main([f"out={tmp_path / 'hr'}", "n_images=1", "n_val=0", "height_range=0.3,0.5", "max_people=2"])
-    heights = [
-        a["amodal_bbox_xyxy"][3] - a["amodal_bbox_xyxy"][1] for a in _load(paths["keypoints21_train"])["annotations"]
-    ]
-    assert 0 < len(heights) <= 2 and max(heights) <= 0.5 * H * 1.1
 
 
 def test_bad_arguments(tmp_path):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from bmp_lightning.data.codec import UDPHeatmap, flip_heatmaps, keypoints_to_image
-from bmp_lightning.data.keypoints import COCO_FLIP_INDICES, FLIP_INDICES
 from bmp_lightning.data.mask_perturb import (
     BRANCHES,
     enlarge_by_morphology,
@@ -21,7 +20,6 @@ from bmp_lightning.data.mask_perturb import (
     remove_voronoi_cells,
     shrink_by_morphology,
 )
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.data.transforms import (
     Compose,
     GenerateTarget,
@@ -37,6 +35,8 @@ from bmp_lightning.data.transforms import (
     get_udp_warp_matrix,
     truncated_normal,
 )
+from bmp_lightning.structures.keypoints import COCO_FLIP_INDICES, FLIP_INDICES
+from bmp_lightning.structures.records import BadSampleError
 
 
 def make_sample(k: int = 21, bbox=(100.0, 60.0, 260.0, 400.0), seed: int = 0, h: int = 480, w: int = 640) -> dict:
@@ -337,8 +337,8 @@ def test_train_pipeline_deterministic_and_shapes():
 
 
 def _coco_samples(data_dir: Path):
-    from bmp_lightning.data.io import read_image
-    from bmp_lightning.data.masks import segmentation_to_mask
+    from bmp_lightning.structures.io import read_image
+    from bmp_lightning.structures.masks import segmentation_to_mask
 
     root = data_dir / "coco"
     if not (root / "test_coco.json").is_file():

@@ -27,7 +27,7 @@ def job_args(tmp_path_factory) -> list[str]:
     generate(root, n_images=4, n_val=3, seed=0)  # 3 val images: an uneven split over 2 ranks (2 + 1)
     ckpts = save_tiny_random_checkpoints(tmp_path_factory.mktemp("models"), seed=0)
     return [
-        "data=synthetic", f"data.root={root}", f"detector={ckpts['detector']}", f"pose={ckpts['pose']}",
+        "split=synthetic", f"split.root={root}", f"detector={ckpts['detector']}", f"pose={ckpts['pose']}",
         "sam=tiny_random", "detector_opts.input_size=320", "torch_threads=1", "num_vis=2", "logger=csv",
         "optimized_metric=bmp/iter2/synthetic/AP",
     ]  # fmt: skip

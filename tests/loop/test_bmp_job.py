@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bmp_lightning.bmp import alias_data_overrides
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.synthetic import generate
 from bmp_lightning.loop import evaluate as bmp_eval
 from bmp_lightning.loop.bmp import BMP
 from bmp_lightning.loop.build import build_bmp, save_tiny_random_checkpoints
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, results_to_predictions
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 def compose_bmp(overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("bmp", overrides=alias_data_overrides(overrides))
+        return compose("bmp", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +70,27 @@ def rescore_run(run_dir: Path, gt_file: Path, name: str, k: int, iou_types=("bbo
     return out
 
 
-def test_alias_data_overrides():
-    assert alias_data_overrides(["data=ochuman_val", "data.root=/x", "+data=a", "loop=bmp_d3", "mydata=1"]) == [
-        "bmp_data@data=ochuman_val", "data.root=/x", "+bmp_data@data=a", "loop=bmp_d3", "mydata=1",
-    ]  # fmt: skip
+def test_split_group_does_not_collide_with_training_data():
+    """The split is its own group (``split=``, conf/split/): the command line reaches Hydra unchanged and the BMP
+    config has no ``data`` key that a training DataModule override could land in."""
+    cfg = compose_bmp(["split=ochuman_val", "split.img_dir=/x", "paths.output_dir=/tmp/unused"])
+    assert "data" not in cfg and cfg.split.name == "ochuman" and cfg.split.img_dir == "/x"
+    assert cfg.experiment_name == "ochuman"
+    with pytest.raises(Exception, match="data"):  # the training group name is not the split's
+        compose_bmp(["data=ochuman_val"])
 
 
 @pytest.mark.parametrize("split", ["coco_val", "ochuman_val", "ochuman_test", "crowdpose", "sample_coco", "synthetic"])
 def test_every_split_config_composes(split):
-    cfg = compose_bmp([f"data={split}", "paths.output_dir=/tmp/unused"])
-    assert cfg.data.dataset in ("coco", "ochuman", "crowdpose") and cfg.data.ann_file.endswith(".json")
+    cfg = compose_bmp([f"split={split}", "paths.output_dir=/tmp/unused"])
+    assert cfg.split.dataset in ("coco", "ochuman", "crowdpose") and cfg.split.ann_file.endswith(".json")
     assert cfg.loop.num_iters == 2 and cfg.loop.oks_nms_thr == 0.8
 
 
 def test_job_with_tiny_checkpoints(tmp_path, synthetic_root, tiny_ckpts):
     run = tmp_path / "run"
     cfg = compose_bmp([
-        "data=synthetic", f"data.root={synthetic_root}", f"detector={tiny_ckpts['detector']}",
+        "split=synthetic", f"split.root={synthetic_root}", f"detector={tiny_ckpts['detector']}",
         f"pose={tiny_ckpts['pose']}", "sam=tiny_random", "detector_opts.input_size=320", f"paths.output_dir={run}",
         "num_vis=1", "logger=csv", "optimized_metric=bmp/iter2/synthetic/AP",
     ])  # fmt: skip
@@ -183,7 +186,7 @@ def test_job_metric_values_with_oracles(tmp_path, synthetic_root, monkeypatch):
     monkeypatch.setattr(bmp_eval, "build_loop_from_config", lambda cfg, device=None: oracle)
     run = tmp_path / "run"
     cfg = compose_bmp([
-        "data=synthetic", f"data.root={synthetic_root}", f"paths.output_dir={run}", "num_vis=0", "logger=csv",
+        "split=synthetic", f"split.root={synthetic_root}", f"paths.output_dir={run}", "num_vis=0", "logger=csv",
         "max_images=2",
     ])  # fmt: skip
     metrics = bmp_eval.run_bmp_evaluation(cfg)
@@ -208,7 +211,7 @@ def test_job_metric_values_with_oracles(tmp_path, synthetic_root, monkeypatch):
 def test_max_images_writes_the_subset_ground_truth(tmp_path, synthetic_root, tiny_ckpts):
     run = tmp_path / "run"
     cfg = compose_bmp([
-        "data=synthetic", f"data.root={synthetic_root}", "detector=tiny_random", "pose=tiny_random",
+        "split=synthetic", f"split.root={synthetic_root}", "detector=tiny_random", "pose=tiny_random",
         f"paths.output_dir={run}", "num_vis=0", "~logger", "max_images=1",
         "loop=bmp_v1_exact", "loop.segmenter=none",
     ])  # fmt: skip
@@ -223,14 +226,14 @@ def test_max_images_writes_the_subset_ground_truth(tmp_path, synthetic_root, tin
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
-    cfg = compose_bmp(["data=ochuman_val", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
+    cfg = compose_bmp(["split=ochuman_val", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}",
                        "detector=tiny_random", "pose=tiny_random"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="ochuman_coco_format_val"):
         bmp_eval.run_bmp_evaluation(cfg)
 
 
 def test_job_needs_models(tmp_path, synthetic_root):
-    cfg = compose_bmp(["data=synthetic", f"data.root={synthetic_root}", f"paths.output_dir={tmp_path}"])
+    cfg = compose_bmp(["split=synthetic", f"split.root={synthetic_root}", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="detector=<checkpoint>"):
         bmp_eval.run_bmp_evaluation(cfg)
 
@@ -238,7 +241,7 @@ def test_job_needs_models(tmp_path, synthetic_root):
 def test_job_on_the_real_coco_samples(tmp_path, shared_dir, tiny_ckpts):
     run = tmp_path / "run"
     cfg = compose_bmp([
-        "data=sample_coco", f"paths.shared_dir={shared_dir}", f"detector={tiny_ckpts['detector']}",
+        "split=sample_coco", f"paths.shared_dir={shared_dir}", f"detector={tiny_ckpts['detector']}",
         f"pose={tiny_ckpts['pose']}", "sam=tiny_random", "detector_opts.input_size=320", f"paths.output_dir={run}",
         "num_vis=0", "~logger", "eval.det_score=instance", "eval.box_from_mask=true",
     ])  # fmt: skip
@@ -253,3 +256,21 @@ def test_job_on_the_real_coco_samples(tmp_path, shared_dir, tiny_ckpts):
         assert {b["image_id"] for b in boxes} == {785, 40083, 196141, 197388}
         # eval.det_score=instance: box results are ranked by the keypoint instance score
         assert sorted(b["score"] for b in boxes) == pytest.approx(sorted(e["score"] for e in kps))
+
+
+def test_bmp_and_demo_share_the_model_loaders(cfg_bmp, tmp_path):
+    """One ``bmp_models`` group: the job and the demo compose the same partial loaders, and the job's models are
+    built through them (a ``_target_`` swapped in the config is what runs)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_job
+
+    bmp = cfg_bmp("detector=tiny_random", "pose=tiny_random", "sam=tiny_random", "detector_opts.input_size=256")
+    demo = compose_job("demo.yaml", "detector=tiny_random", "pose=tiny_random", "sam=tiny_random",
+                       "detector_opts.input_size=256", base_dir=tmp_path)  # fmt: skip
+    assert OmegaConf.to_container(bmp.models, resolve=True) == OmegaConf.to_container(demo.models, resolve=True)
+    assert bmp.models.detector._target_ == "bmp_lightning.loop.build.load_detector"
+    loop = bmp_eval.build_loop_from_config(bmp, device="cpu")
+    assert loop.detector.input_size == 256 and loop.segmenter is not None
+    none = cfg_bmp("detector=tiny_random", "pose=tiny_random", "loop.segmenter=none", "sam=null")
+    assert bmp_eval.build_loop_from_config(none, device="cpu").segmenter is None

@@ -10,11 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.synthetic import generate
 from bmp_lightning.loop.build import build_bmp, save_tiny_random_checkpoints
 from bmp_lightning.loop.inference import list_images, run_demo
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import segmentation_to_mask
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_render_edge_cases():
 
 
 def test_make_demo_model_lookup(tmp_path, caplog):
-    from bmp_lightning.loop.smoke_demo import SMOKE_DIR, SmokeModelError, smoke_checkpoint
+    from bmp_lightning.tools.smoke_demo import SMOKE_DIR, SmokeModelError, smoke_checkpoint
 
     # no smoke config in this root: an error, no silent tiny random model, no training started
     with pytest.raises(SmokeModelError, match=r"rtmdet_smoke.yaml does not exist.*allow_tiny_random=true"):
@@ -129,7 +129,7 @@ def test_make_demo_runs_without_sam_by_its_own_config(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from bmp_lightning.doctor import CONF_DIR
-    from bmp_lightning.loop import smoke_demo
+    from bmp_lightning.tools import smoke_demo
 
     calls = []
     monkeypatch.chdir(tmp_path)

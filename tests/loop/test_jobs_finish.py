@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bmp_lightning.bmp import alias_data_overrides, evaluate_bmp
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.bmp import evaluate_bmp
 from bmp_lightning.data.synthetic import generate
 from bmp_lightning.demo import demo
+from bmp_lightning.structures.records import BadSampleError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,9 +79,9 @@ def test_bmp_job_skips_unreadable_images_and_finishes(tmp_path: Path, synthetic_
     first, cut, last = gt["images"]
     _truncate(root / "images" / "val" / cut["file_name"])
     run = tmp_path / "run"
-    base = ["data=synthetic", f"data.root={root}", "detector=tiny_random", "pose=tiny_random", "sam=tiny_random",
+    base = ["split=synthetic", f"split.root={root}", "detector=tiny_random", "pose=tiny_random", "sam=tiny_random",
             "detector_opts.input_size=320", "num_vis=0", "logger=csv"]  # fmt: skip
-    metrics = evaluate_bmp(_compose("bmp", alias_data_overrides([*base, f"paths.output_dir={run}"])))
+    metrics = evaluate_bmp(_compose("bmp", [*base, f"paths.output_dir={run}"]))
     assert metrics["bmp/skipped_images"] == 1.0
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["bmp/skipped_images"] == 1.0
@@ -96,7 +96,7 @@ def test_bmp_job_skips_unreadable_images_and_finishes(tmp_path: Path, synthetic_
     with open(run / "csv" / "metrics.csv") as f:
         assert "bmp/skipped_images" in f.readline()
 
-    strict = _compose("bmp", alias_data_overrides([*base, f"paths.output_dir={tmp_path / 'strict'}", "strict=true"]))
+    strict = _compose("bmp", [*base, f"paths.output_dir={tmp_path / 'strict'}", "strict=true"])
     with pytest.raises(
         BadSampleError, match=rf"{cut['file_name']} \(.*person_keypoints_val.json, image id {cut['id']}\): truncated"
     ):

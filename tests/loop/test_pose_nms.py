@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bmp_lightning.data.keypoints import COCO_SIGMAS
 from bmp_lightning.loop.pose_nms import greedy_oks_suppression, oks_matrix, pose_nms
+from bmp_lightning.structures.keypoints import COCO_SIGMAS
 
 
 def _person(points: dict[int, tuple[float, float, float]], default=(0.0, 0.0, 0.1)) -> np.ndarray:

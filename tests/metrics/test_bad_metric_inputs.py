@@ -13,11 +13,11 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.records import BadSampleError
-from bmp_lightning.metrics import coco as coco_cli
 from bmp_lightning.metrics.coco import CocoKeypointEvaluator
 from bmp_lightning.metrics.cocotools import quiet
 from bmp_lightning.metrics.detection import CocoDetectionEvaluator
+from bmp_lightning.structures.records import BadSampleError
+from bmp_lightning.tools import coco_eval as coco_cli
 
 
 @pytest.fixture(scope="module")

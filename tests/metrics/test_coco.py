@@ -12,10 +12,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.keypoints import CROWDPOSE_SIGMAS, to_merged
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.coco import KEYPOINT_METRICS, CocoKeypointEvaluator, rescore
 from bmp_lightning.metrics.cocotools import quiet
+from bmp_lightning.structures.keypoints import CROWDPOSE_SIGMAS, to_merged
+from bmp_lightning.structures.records import BadSampleError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -279,8 +279,8 @@ def test_cli_writes_metrics(coco_json, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(res))
     out = tmp_path / "metrics" / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bmp_lightning.metrics.coco", f"gt={coco_json}", f"results={tmp_path / 'results.json'}",
-         f"out={out}"],
+        [sys.executable, "-m", "bmp_lightning.tools.coco_eval", f"gt={coco_json}",
+         f"results={tmp_path / 'results.json'}", f"out={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -292,6 +292,6 @@ def test_cli_writes_metrics(coco_json, tmp_path):
 
 def test_cli_rejects_bad_arguments(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "bmp_lightning.metrics.coco", "gt=x.json"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "bmp_lightning.tools.coco_eval", "gt=x.json"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode != 0 and "required" in proc.stderr

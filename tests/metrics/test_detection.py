@@ -10,10 +10,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from bmp_lightning.data.masks import segmentation_to_mask
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.metrics.cocotools import quiet
 from bmp_lightning.metrics.detection import DETECTION_METRICS, CocoDetectionEvaluator, encode_masks
+from bmp_lightning.structures.masks import segmentation_to_mask
+from bmp_lightning.structures.records import BadSampleError
 
 
 @pytest.fixture(scope="module")

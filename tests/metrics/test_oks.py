@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bmp_lightning.data.keypoints import COCO_SIGMAS, CROWDPOSE_SIGMAS, SIGMAS
 from bmp_lightning.metrics.oks import default_sigmas, oks, oks_matrix, oks_nms
+from bmp_lightning.structures.keypoints import COCO_SIGMAS, CROWDPOSE_SIGMAS, SIGMAS
 
 
 def test_oks_two_keypoints_hand_computed():

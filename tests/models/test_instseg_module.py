@@ -17,12 +17,8 @@ from bmp_lightning.data.instseg_datamodule import InstSegDataModule
 from bmp_lightning.interop.mmdet import to_mmdet
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_tiny
 from bmp_lightning.models.ema import ExpMomentumEMA, ema_momentum
-from bmp_lightning.models.instseg_module import (
-    InstSegLitModule,
-    load_init_weights,
-    rtmdet_lr_factor,
-    rtmdet_param_groups,
-)
+from bmp_lightning.models.instseg_module import InstSegLitModule, load_init_weights, rtmdet_param_groups
+from bmp_lightning.models.optim import rtmdet_lr_factor
 from bmp_lightning.utils.val_interval import ValIntervalSwitch
 
 SIZE = 128  # network input of the synthetic tests (the scenes are 128x160)

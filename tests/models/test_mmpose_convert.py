@@ -10,12 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from bmp_lightning.interop.checkpoint import (
-    UnknownObject,
-    UnsafeCheckpointError,
-    load_state_dict_report,
-    safe_load,
-)
 from bmp_lightning.interop.mmpose import (
     convert_mmpose_vitpose,
     is_mmpose_checkpoint,
@@ -27,6 +21,8 @@ from bmp_lightning.interop.mmpose import (
 from bmp_lightning.interop.timm_init import load_mae_init, mae_to_backbone_state, resample_pos_embed
 from bmp_lightning.models.components.pose_net import vitpose_b, vitpose_tiny
 from bmp_lightning.models.components.vit import ViTPoseBackbone
+from bmp_lightning.structures.checkpoint import UnknownObject, load_state_dict_report, safe_load
+from bmp_lightning.structures.errors import UnsafeCheckpointError
 
 TINY_GRID = 4 * 3  # vitpose_tiny at 64x48
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import hydra
 import pytest
 import torch
 
@@ -147,3 +150,49 @@ def test_schedule_factor_chains_warmup_and_milestones():
     assert warmup_multistep_factor(100, 1, milestones=(50,), warmup_iters=200) == pytest.approx(0.1 * 0.5005)
     with pytest.raises(ValueError):
         warmup_multistep_factor(0, 0)
+
+
+def _lrs(cfg, steps_per_epoch: int, max_epochs: int, at: list[int]):
+    """The configured module's optimizer + scheduler (its config groups), the lr of every group at ``at`` steps."""
+    model = hydra.utils.instantiate(cfg.model, net=hydra.utils.instantiate(cfg.model.net), init_weights=None)
+    dm = SimpleNamespace(train_batch_sampler=lambda: list(range(steps_per_epoch)))
+    model._trainer = SimpleNamespace(
+        datamodule=dm, limit_train_batches=1.0, accumulate_grad_batches=1, max_epochs=max_epochs
+    )
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    out, step = [], 0
+    for target in at:
+        while step < target:
+            opt.step()
+            sched.step()
+            step += 1
+        out.append([g["lr"] for g in opt.param_groups])
+    return out, opt, model
+
+
+def test_optimizer_and_scheduler_groups_keep_the_vitpose_schedule(cfg_train):
+    """conf/optimizer/adamw.yaml + conf/scheduler/warmup_multistep.yaml on the configured PoseLitModule: the lr at
+    several steps equals the recipe's (5e-4, 50-step warm-up from 0.001 for the tiny model, x0.1 at epochs 170 and
+    200; layer decay 0.9 over 5 ids: the first layer at 0.9**4)."""
+    cfg = cfg_train("model=vitpose_tiny")
+    assert cfg.model.optimizer._target_ == "torch.optim.AdamW" and cfg.model.scheduler._partial_
+    lrs, opt, model = _lrs(cfg, steps_per_epoch=10, max_epochs=210, at=[0, 25, 50, 1699, 1700, 2000])
+    top = [max(g) for g in lrs]  # the head's groups: scale 1
+    assert top == pytest.approx([5e-7, 2.5025e-4, 5e-4, 5e-4, 5e-5, 5e-6], rel=1e-9)
+    assert [min(g) for g in lrs] == pytest.approx([t * 0.9**4 for t in top], rel=1e-9)
+    assert opt.defaults["betas"] == (0.9, 0.999) and isinstance(opt, torch.optim.AdamW)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.1}
+    assert "optimizer" not in model.hparams and "scheduler" not in model.hparams  # checkpoints hold plain values
+
+
+def test_optimizer_and_scheduler_groups_keep_the_rtmdet_schedule(cfg_train):
+    """conf/scheduler/warmup_cosine.yaml on the configured InstSegLitModule: 0.004, 1000-step warm-up from 1e-5,
+    flat until epoch 150, cosine to 5 % at epoch 300 (10 steps per epoch)."""
+    cfg = cfg_train("model=rtmdet_ins_tiny", "model.init_weights=null")
+    lrs, opt, _ = _lrs(cfg, steps_per_epoch=10, max_epochs=300, at=[0, 500, 1000, 1500, 2250, 3000])
+    want = [4e-8, 0.004 * 0.500005, 0.004, 0.004, 0.004 * 0.525, 0.004 * 0.05]
+    assert [g[0] for g in lrs] == pytest.approx(want, rel=1e-9)
+    assert all(len(set(g)) == 1 for g in lrs)  # decay / no-decay groups share the lr
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]

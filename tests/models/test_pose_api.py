@@ -1,5 +1,6 @@
 """PoseEstimator: the val pipeline end to end (crop, MaskBackground, network, flip test, DARK-UDP, back to pixels)."""
 
+import hydra
 import numpy as np
 import pytest
 import torch
@@ -129,3 +130,29 @@ def get_warp(center, scale):
     from bmp_lightning.data.crop import get_udp_warp_matrix
 
     return get_udp_warp_matrix(center, scale, 0.0, (192, 256))
+
+
+def test_validation_and_pose_estimator_share_flip_test_and_decode(cfg_train):
+    """The configured PoseLitModule's validation path (predict_heatmaps + decode) and PoseEstimator give the same
+    heatmaps and image-pixel keypoints for the same crops: one flip test and one DARK-UDP decode for both."""
+    cfg = cfg_train(
+        "model=vitpose_tiny", "model.net.depth=1", "model.net.deconv_channels=[16,16]", "model.num_layers=3"
+    )
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg.model, net=hydra.utils.instantiate(cfg.model.net), init_weights=None).eval()
+    assert module.hparams.flip_test
+    est = PoseEstimator(module.net, use_mask=False, flip_test=True)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    boxes = np.array([[40, 30, 140, 220], [150, 20, 300, 230]], np.float32)
+    kpts, scores = est(img, boxes)
+
+    crops, centers, scales = est._crops(img, boxes, None)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # uint8, as the DataLoader hands them to validation_step
+    hm = module.predict_heatmaps(x)
+    with torch.no_grad():
+        no_flip = module.predict_heatmaps(x, flip_test=False)
+    assert not torch.allclose(hm, no_flip)  # the flip test does something on this net
+    k_val, s_val = module.decode(hm, torch.from_numpy(centers), torch.from_numpy(scales))
+    np.testing.assert_allclose(k_val.numpy(), kpts, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(s_val.numpy(), scores, rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from bmp_lightning.models.components import pose_net
 from bmp_lightning.models.components.heatmap_head import HeatmapHead
 from bmp_lightning.models.components.pose_net import POSE_NET_PRESETS, build_pose_net, vitpose_b, vitpose_tiny
 from bmp_lightning.models.components.vit import ViTPoseBackbone, patch_grid
@@ -118,3 +119,21 @@ def test_build_pose_net_presets():
     assert net(torch.zeros(1, 3, 64, 48)).shape == (1, 7, 16, 12)
     with pytest.raises(ValueError, match="unknown pose-net preset"):
         build_pose_net("vitpose_xxl", 17)
+
+
+@pytest.mark.parametrize("name", ["vitpose_s", "vitpose_b", "vitpose_l", "vitpose_h"])
+def test_presets_follow_the_one_size_table(name, monkeypatch):
+    """Presets, the head count of converted weights and convert's preset detection read VITPOSE_SIZES (MMPose's
+    ViTPose-S/B/L/H: 384x12/12, 768x12/12, 1024x24/16, 1280x32/16; drop path 0.1/0.3/0.5/0.55)."""
+    from bmp_lightning.convert import _POSE_PRESETS
+    from bmp_lightning.models.components.pose_net import VITPOSE_SIZES, vitpose_num_heads
+
+    want = {"vitpose_s": (384, 12, 12, 0.1), "vitpose_b": (768, 12, 12, 0.3), "vitpose_l": (1024, 24, 16, 0.5),
+            "vitpose_h": (1280, 32, 16, 0.55)}[name]  # fmt: skip
+    assert tuple(VITPOSE_SIZES[name]) == want
+    built = {}  # what the preset builds (recorded, not allocated: ViT-H has 632 M parameters)
+    monkeypatch.setattr(pose_net, "_vitpose", lambda *a, **kw: built.update(args=a[:5]))
+    build_pose_net(name, num_keypoints=17)
+    assert built["args"] == (*want[:3], 17, want[3])
+    assert vitpose_num_heads(want[0]) == want[2] and vitpose_num_heads(96) == 1  # unknown width: 64-dim heads
+    assert _POSE_PRESETS[want[:2]] == (name, want[2])

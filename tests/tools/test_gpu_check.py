@@ -1,6 +1,6 @@
 """``make gpu-check`` (bmp_lightning/tools/gpu_check.py): on a machine without a GPU it says so and exits 0; its
 sections run on the CPU with tiny models (``device=cpu tiny=true``), which keeps the CUDA script working where no GPU
-is lent. The CUDA runs themselves are tests/test_gpu.py (marker ``gpu``)."""
+is lent. The CUDA runs themselves are tests/tools/test_gpu.py (marker ``gpu``)."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from bmp_lightning.data.io import read_image
 from bmp_lightning.data.readers import read_detections
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.build import load_detector
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.tools import make_detections as tool
 
 N_IMAGES = 3

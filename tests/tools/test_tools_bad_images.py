@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bmp_lightning.data.records import BadSampleError
 from bmp_lightning.loop.build import load_detector
+from bmp_lightning.structures.records import BadSampleError
 from bmp_lightning.tools import make_detections, make_sam_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -1,7 +1,7 @@
 """Articulated 2-D human figures: pose parameters -> 21 exact keypoints -> filled parts -> a small RGB raster.
 
 A figure is drawn from capsules (limbs, neck), a polygon (torso) and discs (head, hands, ears). Every keypoint of
-the 21-slot schema (``bmp_lightning.data.keypoints.KEYPOINTS``) is placed *inside* the part it belongs to, so a
+the 21-slot schema (``bmp_lightning.structures.keypoints.KEYPOINTS``) is placed *inside* the part it belongs to, so a
 joint that is not hidden by another person lies on the person's own mask.
 
 Conventions: image coordinates (x right, y down, pixel centres at integers, as cv2). The figure faces the camera
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from bmp_lightning.data.keypoints import KEYPOINTS, NUM_KEYPOINTS
+from bmp_lightning.structures.keypoints import KEYPOINTS, NUM_KEYPOINTS
 
 _KP = {name: i for i, name in enumerate(KEYPOINTS)}
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from bmp_lightning.data.keypoints import NUM_KEYPOINTS
 from bmp_lightning.data.synthetic.figure import Figure, Raster, figure_keypoints, rasterize_figure, sample_figure
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS
 
 
 @dataclass

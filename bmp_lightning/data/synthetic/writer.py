@@ -15,23 +15,21 @@ are the tight boxes of the *visible* masks (as COCO's); the MPII box is a square
 
 from __future__ import annotations
 
-import inspect
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from bmp_lightning.data.keypoints import (
+from bmp_lightning.data.synthetic.scene import Scene, sample_scene
+from bmp_lightning.structures.keypoints import (
     KEYPOINTS,
     NUM_COCO_KEYPOINTS,
     SKELETON,
     from_merged,
 )
-from bmp_lightning.data.masks import mask_to_polygons, mask_to_rle
-from bmp_lightning.data.synthetic.scene import Scene, sample_scene
+from bmp_lightning.structures.masks import mask_to_polygons, mask_to_rle
 
 GENERATOR_VERSION = "1"
 MPII_PIXEL_STD = 200.0  # MPII scale unit: box side = scale * 200 px
@@ -266,22 +264,6 @@ def generate(
     return paths
 
 
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if "," in text or text.startswith(("[", "(")):
-        return tuple(_parse_value(v.strip()) for v in text.strip("[]()").split(",") if v.strip())
-    return text
-
-
 def generate_if_missing(synthetic: Any, needed_files: Any, out_dir: str | Path | None, logger: Any = None) -> bool:
     """A DataModule's ``data.synthetic`` settings: :func:`generate` them into ``out_dir`` when any of
     ``needed_files`` (falsy entries ignored) is missing. Returns whether it generated. ``synthetic``'s own
@@ -298,46 +280,3 @@ def generate_if_missing(synthetic: Any, needed_files: Any, out_dir: str | Path |
         logger.info("generating the synthetic dataset in %s (missing: %s)", out_dir, missing[0])
     generate(out_dir, **cfg)
     return True
-
-
-def main(argv: list[str] | None = None) -> dict[str, Path]:
-    """CLI: ``python -m bmp_lightning.data.synthetic out=DIR n_images=N seed=S [val_fraction=F] [key=value ...]``."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(main.__doc__)
-        print(generate.__doc__)
-        return {}
-    kwargs: dict[str, Any] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"arguments are key=value, got {arg!r}")
-        kwargs[key.lstrip("-").replace("-", "_")] = _parse_value(value)
-    if "out" not in kwargs:
-        raise SystemExit("missing out=DIR")
-    known = (set(inspect.signature(generate).parameters) | set(inspect.signature(sample_scene).parameters)) - {
-        "out_dir",
-        "scene_kwargs",
-        "rng",
-    }
-    unknown = sorted(set(kwargs) - known - {"out"})
-    if unknown:
-        raise SystemExit(f"unknown argument(s) {unknown}; known: out, {', '.join(sorted(known))}")
-    out = kwargs.pop("out")
-    kwargs.setdefault("n_images", 32)
-    t0 = time.perf_counter()
-    paths = generate(str(out), **kwargs)
-    dt = time.perf_counter() - t0
-    for key, path in paths.items():
-        if key == "root":
-            continue
-        if path.is_dir():
-            print(f"{key:20s} {path}  ({len(list(path.glob('*.jpg')))} images)")
-        else:
-            doc = json.loads(path.read_text())
-            n = len(doc) if isinstance(doc, list) else len(doc["annotations"])
-            print(f"{key:20s} {path}  ({n} people)")
-    print(f"generated {kwargs['n_images']} images in {dt:.2f} s under {paths['root']}")
-    return paths

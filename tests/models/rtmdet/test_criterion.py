@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from bmp_lightning.models.components.rtmdet.assigner import DynamicSoftLabelAssigner
-from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion, distance2bbox, reduce_mean
+from bmp_lightning.models.components.rtmdet.criterion import RTMDetInsCriterion, reduce_mean
 from bmp_lightning.models.components.rtmdet.losses import giou_loss
-from bmp_lightning.models.components.rtmdet.priors import mlvl_grid_priors
+from bmp_lightning.models.components.rtmdet.priors import distance2bbox, mlvl_grid_priors
 
 SIZE = 64
 STRIDES = (8, 16, 32)

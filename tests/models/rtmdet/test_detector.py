@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.detector import MEAN_BGR, STD_BGR, Detector, resize_pad, rtmdet_state_dict
-from bmp_lightning.interop.mmdet import to_mmdet
+from bmp_lightning.detector import MEAN_BGR, STD_BGR, Detector, resize_pad
+from bmp_lightning.interop.mmdet import rtmdet_state_dict, to_mmdet
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import RTMDetIns, rtmdet_ins_tiny
+from bmp_lightning.structures.io import read_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 

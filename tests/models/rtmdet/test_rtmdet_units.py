@@ -10,12 +10,11 @@ import torch.nn.functional as F
 
 from bmp_lightning.models.components.rtmdet.dynamic_mask import dynamic_mask_logits, num_dynamic_params
 from bmp_lightning.models.components.rtmdet.postprocess import (
-    distance2bbox,
     filter_scores_and_topk,
     masks_to_original,
     postprocess_single,
 )
-from bmp_lightning.models.components.rtmdet.priors import grid_priors, mlvl_grid_priors
+from bmp_lightning.models.components.rtmdet.priors import distance2bbox, grid_priors, mlvl_grid_priors
 from bmp_lightning.models.components.rtmdet.rtmdet_ins import infer_rtmdet_ins_config, rtmdet_ins_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bmp_lightning.models.components.rtmdet.assigner import DynamicSoftLabelAssigner
 from bmp_lightning.models.components.rtmdet.dynamic_mask import dynamic_mask_logits
 from bmp_lightning.models.components.rtmdet.losses import dice_loss, giou_loss, quality_focal_loss
-from bmp_lightning.models.components.rtmdet.priors import mlvl_grid_priors
+from bmp_lightning.models.components.rtmdet.priors import distance2bbox, mlvl_grid_priors
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -31,14 +31,6 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value.div_(dist.get_world_size()), op=dist.ReduceOp.SUM)
     return value
-
-
-def distance2bbox(points: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """Decode ``(..., 4)`` l,t,r,b distances from ``(..., 2+)`` points into xyxy boxes (no clamping in training)."""
-    x, y = points[..., 0], points[..., 1]
-    return torch.stack(
-        [x - distances[..., 0], y - distances[..., 1], x + distances[..., 2], y + distances[..., 3]], dim=-1
-    )
 
 
 class RTMDetInsCriterion:

@@ -16,23 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
 from bmp_lightning.models.components.rtmdet.dynamic_mask import dynamic_mask_logits
-from bmp_lightning.models.components.rtmdet.priors import mlvl_grid_priors
-
-
-def distance2bbox(
-    points: torch.Tensor, distances: torch.Tensor, max_shape: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """``(N, 2)`` points and ``(N, 4)`` (l, t, r, b) distances -> ``(N, 4)`` xyxy, clamped to ``(h, w)``."""
-    x1 = points[..., 0] - distances[..., 0]
-    y1 = points[..., 1] - distances[..., 1]
-    x2 = points[..., 0] + distances[..., 2]
-    y2 = points[..., 1] + distances[..., 3]
-    boxes = torch.stack([x1, y1, x2, y2], dim=-1)
-    if max_shape is not None:
-        h, w = max_shape
-        boxes[..., 0::2] = boxes[..., 0::2].clamp(min=0, max=w)
-        boxes[..., 1::2] = boxes[..., 1::2].clamp(min=0, max=h)
-    return boxes
+from bmp_lightning.models.components.rtmdet.priors import distance2bbox, mlvl_grid_priors
 
 
 def filter_scores_and_topk(

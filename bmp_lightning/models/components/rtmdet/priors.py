@@ -1,4 +1,4 @@
-"""Point priors of RTMDet (MMDetection ``MlvlPointGenerator`` with offset 0).
+"""Point priors of RTMDet (MMDetection ``MlvlPointGenerator`` with offset 0) and the distance box coder.
 
 A level with stride ``s`` and an ``(H, W)`` feature map has priors ``(x*s, y*s, s, s)`` for every cell,
 flattened row-major (y outer, x inner), i.e. the order of ``feat.permute(0, 2, 3, 1).reshape(-1, C)``.
@@ -41,3 +41,20 @@ def mlvl_grid_priors(
     if len(featmap_sizes) != len(strides):
         raise ValueError(f"{len(featmap_sizes)} feature maps but {len(strides)} strides")
     return [grid_priors(tuple(sz), s, device, dtype, with_stride) for sz, s in zip(featmap_sizes, strides)]
+
+
+def distance2bbox(
+    points: torch.Tensor, distances: torch.Tensor, max_shape: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """``(..., 2+)`` points and ``(..., 4)`` (l, t, r, b) distances -> ``(..., 4)`` xyxy; clamped to ``(h, w)``
+    with ``max_shape`` (inference), not in training (the criterion)."""
+    x1 = points[..., 0] - distances[..., 0]
+    y1 = points[..., 1] - distances[..., 1]
+    x2 = points[..., 0] + distances[..., 2]
+    y2 = points[..., 1] + distances[..., 3]
+    boxes = torch.stack([x1, y1, x2, y2], dim=-1)
+    if max_shape is not None:
+        h, w = max_shape
+        boxes[..., 0::2] = boxes[..., 0::2].clamp(min=0, max=w)
+        boxes[..., 1::2] = boxes[..., 1::2].clamp(min=0, max=h)
+    return boxes

@@ -87,7 +87,8 @@ class RTMDetIns(nn.Module):
         max_per_img: int = 100,
         mask_thr: float = 0.5,
     ) -> list[dict[str, torch.Tensor]]:
-        """Detect on a normalised batch.
+        """Detect on a normalised batch: the one forward + post-processing of validation (``InstSegLitModule``) and
+        inference (``Detector``). Outputs are taken in float32 (a bf16 forward decodes as fp32).
 
         Args:
             x: ``(B, 3, H, W)`` normalised BGR (H, W multiples of 32).
@@ -98,7 +99,7 @@ class RTMDetIns(nn.Module):
         Returns:
             per image ``bboxes (N, 4)`` xyxy, ``scores (N,)``, ``labels (N,)``, ``masks (N, h, w)`` bool.
         """
-        out = self(x)
+        out = {k: ([t.float() for t in v] if isinstance(v, (list, tuple)) else v.float()) for k, v in self(x).items()}
         return postprocess(
             out,
             tuple(x.shape[-2:]),

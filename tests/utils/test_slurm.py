@@ -22,7 +22,7 @@ from bmp_lightning.utils.slurm import cfg_without_multirun, requeue_ckpt_path
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the sweep extra (hydra-submitit-launcher)")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 # tests/test_train.py's tiny smoke model (seconds per epoch)
@@ -142,7 +142,7 @@ def test_requeued_job_resumes_from_its_last_ckpt(synthetic_pose_data_dir: Path, 
         [
             *TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1",
             "callbacks.last_checkpoint.every_n_train_steps=2",
-            "+callbacks.kill._target_=tests.test_slurm.KillAtEnvStep",
+            "+callbacks.kill._target_=tests.utils.test_slurm.KillAtEnvStep",
             f"paths.data_dir={synthetic_pose_data_dir}", f"hydra.sweep.dir={sweep}",
         ],
     )  # fmt: skip

@@ -18,13 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmp_lightning.utils.errors import CheckpointError
+from bmp_lightning.structures.errors import CheckpointError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """The file holds Python objects other than tensors/containers/numpy arrays and would need full unpickling."""
 
 
 class UnknownObject:
@@ -162,10 +158,15 @@ def _load_or_explain(path: Path, extra: list[Any]) -> Any:
         ) from err
 
 
-def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("state_dict", "model", "module")) -> dict[str, torch.Tensor]:
-    """The tensor mapping inside a loaded checkpoint: ``obj[k]`` for the first ``k`` in ``keys`` present, else ``obj``.
+def extract_state_dict(
+    obj: Any, keys: tuple[str, ...] = ("state_dict", "model", "module"), prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint, the one reader of every weights layout the project loads
+    (Lightning, MMEngine, Meta's ``{"model": ...}``, DDP-wrapped, bare).
 
-    Non-tensor entries are dropped (with a debug log); an object without tensors raises ``ValueError``.
+    ``obj[k]`` for the first ``k`` in ``keys`` present, else ``obj``; non-tensor entries dropped (with a debug log);
+    a ``module.`` prefix on every key (a DDP-wrapped model's save) stripped; with ``prefix`` (``net.`` of a
+    LightningModule's network) only the keys under it, prefix removed. No tensors: ``ValueError``.
     """
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint is a {type(obj).__name__}, expected a dict of tensors")
@@ -173,11 +174,16 @@ def extract_state_dict(obj: Any, keys: tuple[str, ...] = ("state_dict", "model",
         if isinstance(obj.get(k), Mapping):
             obj = obj[k]
             break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise ValueError(f"no tensors found in the checkpoint (top-level keys: {sorted(map(str, obj))[:20]})")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(sd) != len(obj):
         log.debug("ignored %d non-tensor entries", len(obj) - len(sd))
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    if prefix:
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sd:
+        under = f" under {prefix!r}" if prefix else ""
+        raise ValueError(f"no tensors found{under} in the checkpoint (top-level keys: {sorted(map(str, obj))[:20]})")
     return sd
 
 

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bmp_lightning.data.synthetic import generate
+
 log = logging.getLogger("bmp_lightning.smoke_demo")
 
 SMOKE_DIR = Path("logs/smoke_models")
@@ -68,7 +70,6 @@ def smoke_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare the models and scenes, then run the demo; returns the demo's exit status."""
-    from bmp_lightning.data.synthetic import generate
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(levelname)s %(message)s")
     extra = list(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,8 @@
-"""Mask and box operations of the BMP loop: exclusive masks, mask-out for the next detection, greedy box NMS.
+"""Mask and box operations: exclusive masks, mask-out, greedy box NMS.
 
-Reference: docs/method.md#the-loop-step-by-step, steps 1, 5 and 7.
+Mask-out is one function for training and inference: the BMP loop paints the people it found before the next
+detection (docs/method.md#the-loop-step-by-step, steps 1, 5 and 7) and ``RemoveRandomInstances`` paints random people
+out of detector training images so that the detector learns to ignore those holes; both call :func:`mask_out`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def painted_region(
     mode: Literal["contours", "pixels"] = "contours",
     min_area: float = 50.0,
     dilate: int = 0,
+    protect: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ``(H, W)`` bool area that :func:`mask_out` paints for ``masks``.
 
@@ -51,11 +54,17 @@ def painted_region(
         min_area: contour area threshold (contours mode).
         dilate: grow each mask by this many pixels (elliptical kernel) before painting; 0 = upstream. Coarse masks
             (the detector's, without SAM) leave a rim of the person visible, which the next detector pass finds again.
+        protect: ``(M, H, W)`` bool masks the *growth* may not cover (the people who stay visible); the masks' own
+            region is painted regardless.
     """
     if mode not in ("contours", "pixels"):
         raise ValueError(f"mask_out mode must be 'contours' or 'pixels', got {mode!r}")
     if dilate < 0:
         raise ValueError(f"mask-out dilation must be >= 0 pixels, got {dilate}")
+    if dilate and protect is not None and len(protect):
+        own = painted_region(masks, shape, mode, min_area, 0)
+        grown = painted_region(masks, shape, mode, min_area, dilate)
+        return own | (grown & ~np.asarray(protect).astype(bool).any(axis=0))
     region = np.zeros(shape, dtype=np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)) if dilate else None
     for mask in np.asarray(masks):
@@ -74,29 +83,51 @@ def painted_region(
     return region.astype(bool)
 
 
+def paint(
+    image: np.ndarray,
+    region: np.ndarray,
+    fill: int | tuple[int, int, int] | Literal["noise"] = 0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """A copy of ``image`` with ``region`` painted: a value or colour (black = 0, upstream), or ``'noise'`` (uniform
+    random RGB per pixel, drawn from ``rng``)."""
+    out = np.array(image, copy=True)
+    if isinstance(fill, str):
+        if fill != "noise":
+            raise ValueError(f"mask-out fill must be a value, a colour or 'noise', got {fill!r}")
+        if rng is None:
+            raise ValueError("mask-out fill='noise' needs an rng")
+        out[region] = rng.integers(0, 256, size=(int(region.sum()), out.shape[2]), dtype=out.dtype)
+        return out
+    color = (fill,) * out.shape[2] if np.isscalar(fill) else tuple(fill)
+    out[region] = np.asarray(color, dtype=out.dtype)
+    return out
+
+
 def mask_out(
     image: np.ndarray,
     masks: np.ndarray,
     mode: Literal["contours", "pixels"] = "contours",
     min_area: float = 50.0,
-    fill: int | tuple[int, int, int] = 0,
+    fill: int | tuple[int, int, int] | Literal["noise"] = 0,
     dilate: int = 0,
+    protect: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Paint people out of a copy of ``image`` for the next detection round.
+    """Paint people out of a copy of ``image`` (the BMP loop before each detection, ``RemoveRandomInstances`` in
+    detector training).
 
     Args:
         image: ``(H, W, 3)`` uint8.
         masks: ``(N, H, W)`` bool masks to paint.
-        mode, min_area, dilate: which pixels, see :func:`painted_region`.
-        fill: the paint value (black upstream).
+        mode, min_area, dilate, protect: which pixels, see :func:`painted_region`.
+        fill, rng: the paint, see :func:`paint` (black upstream).
 
     Returns:
         A new ``(H, W, 3)`` uint8 image.
     """
-    out = np.array(image, copy=True)
-    color = (fill,) * out.shape[2] if np.isscalar(fill) else tuple(fill)
-    out[painted_region(masks, out.shape[:2], mode, min_area, dilate)] = np.asarray(color, dtype=out.dtype)
-    return out
+    region = painted_region(masks, np.asarray(image).shape[:2], mode, min_area, dilate, protect)
+    return paint(image, region, fill, rng)
 
 
 def box_nms(bboxes: np.ndarray, scores: np.ndarray, iou: float = 0.3, plus_one: bool = True) -> np.ndarray:

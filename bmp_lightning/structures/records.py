@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from bmp_lightning.data.keypoints import NUM_KEYPOINTS
+from bmp_lightning.structures.keypoints import NUM_KEYPOINTS
+from bmp_lightning.structures.masks import RleMask, segmentation_to_mask
 
 
 class BadSampleError(ValueError):
@@ -109,10 +110,9 @@ class PersonRecord:
 
     def mask(self, height: int | None = None, width: int | None = None, lazy: bool = False) -> Any:
         """Decode the segmentation to an ``(H, W)`` uint8 0/1 mask (lazily: only when asked). ``lazy``: an
-        :class:`~bmp_lightning.data.masks.RleMask` that decodes only the pixel boxes read from it."""
+        :class:`~bmp_lightning.structures.masks.RleMask` that decodes only the pixel boxes read from it."""
         if not self.has_mask:
             return None
-        from bmp_lightning.data.masks import RleMask, segmentation_to_mask
 
         if height is None or width is None:
             if self.image_size is None:

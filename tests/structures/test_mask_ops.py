@@ -6,7 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from bmp_lightning.loop.masks import box_nms, exclusive_masks, mask_out, painted_region
+from bmp_lightning.data.instseg_transforms import RemoveRandomInstances
+from bmp_lightning.loop.bmp import BMP
+from bmp_lightning.loop.config import bmp_d3
+from bmp_lightning.structures.mask_ops import box_nms, exclusive_masks, mask_out, painted_region
+from tests.loop.test_bmp import FakeDetector, FakePose
 
 
 def _rect(h, w, y0, y1, x0, x1):
@@ -102,3 +106,50 @@ def test_mask_out_dilate_grows_by_radius():
     np.testing.assert_array_equal(painted_region(dot[None], (40, 40), "pixels"), dot)
     with pytest.raises(ValueError, match=">= 0"):
         painted_region(dot[None], (40, 40), dilate=-1)
+
+
+def _ellipse(hw, center, axes) -> np.ndarray:
+    m = np.zeros(hw, np.uint8)
+    cv2.ellipse(m, center, axes, 0, 0, 360, 1, -1)
+    return m.astype(bool)
+
+
+@pytest.mark.parametrize("dilate", [0, 3])
+def test_training_and_inference_mask_out_paint_the_same_pixels(dilate):
+    """Detector training (``RemoveRandomInstances``) and the BMP loop (``loop.maskout=pixels``) paint the same pixels
+    for the same people: both go through :func:`mask_out`, so the holes the detector learns to ignore are the holes
+    the loop paints. The one difference is by design: the training growth spares the people who stay visible."""
+    hw = (120, 160)
+    rng = np.random.default_rng(0)
+    img = rng.integers(30, 250, size=(*hw, 3), dtype=np.uint8)
+    # four people, two of them touching (so a grown hole would reach into a neighbour)
+    masks = np.stack([_ellipse(hw, c, a) for c, a in [((30, 60), (14, 40)), ((55, 60), (12, 38)),
+                                                        ((100, 50), (15, 30)), ((135, 70), (12, 35))]])  # fmt: skip
+    boxes = np.array([[x.min(), y.min(), x.max() + 1, y.max() + 1] for y, x in (np.nonzero(m) for m in masks)], float)
+    sample = {"img": img, "masks": masks, "labels": np.zeros(4, np.int64), "boxes": boxes}
+    out = RemoveRandomInstances(prob=1.0, fill="black", dilate=dilate)(sample, np.random.default_rng(3))
+    removed = [i for i in range(4) if not any((m == masks[i]).all() for m in out["masks"])]
+    kept = [i for i in range(4) if i not in removed]
+    assert removed and kept
+
+    # the loop finds exactly the removed people in iteration 1 and paints them before iteration 2
+    found = {"bboxes": boxes[removed].astype(np.float32), "scores": np.full(len(removed), 0.9, np.float32),
+             "labels": np.zeros(len(removed), np.int64), "masks": masks[removed]}  # fmt: skip
+    none = {"bboxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+            "labels": np.zeros(0, np.int64), "masks": np.zeros((0, *hw), bool)}  # fmt: skip
+    det = FakeDetector([found, none])
+    loop = bmp_d3(segmenter="none", maskout="pixels", maskout_dilate=dilate)
+    res = BMP(det, FakePose(), None, loop=loop)(img)
+    assert len(res.persons) == len(removed)
+    loop_img = det.seen[1]
+
+    spared = masks[kept].any(axis=0) & ~masks[removed].any(axis=0)  # training never grows a hole into a visible person
+    np.testing.assert_array_equal(out["img"][~spared], loop_img[~spared])
+    np.testing.assert_array_equal(out["img"][spared], img[spared])
+    painted = (loop_img != img).any(axis=2)
+    assert painted.sum() >= masks[removed].any(axis=0).sum() * 0.95  # the test paints something
+    if dilate == 0:
+        np.testing.assert_array_equal(out["img"], loop_img)
+    # both are mask_out with the loop's arguments
+    direct = mask_out(img, masks[removed], "pixels", fill=0, dilate=dilate, protect=masks[kept])
+    np.testing.assert_array_equal(direct, out["img"])

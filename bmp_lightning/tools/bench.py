@@ -1,31 +1,35 @@
 """Benchmarks printed by `make bench-*` (never timed tests).
 
-Usage: python -m bmp_lightning.utils.bench data|pose|det|loop
+Usage: python -m bmp_lightning.tools.bench what=data|pose|det|loop
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import bmp_lightning.data.datasets as datasets
+import bmp_lightning.data.transforms as transforms
+import bmp_lightning.structures.records as records
+from bmp_lightning.data.codec import UDPHeatmap
+from bmp_lightning.data.datasets import TopDownPoseDataset
+from bmp_lightning.data.readers import read_coco_keypoints
+from bmp_lightning.data.transforms import Compose, build_pose_pipeline
+from bmp_lightning.models.components.pose_net import vitpose_tiny
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.tools import bench_det, bench_loop, bench_pose
+from bmp_lightning.tools.bench_pose import sample_scene
+from bmp_lightning.utils.cli import parse_key_values
+from bmp_lightning.utils.timing import best_time
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
-
-
-def _timeit(fn, repeats: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 # MMPose 1.3.2 with its ViTPose-B config on the same 12 people, single process (issue 10's side-by-side figures)
@@ -36,9 +40,6 @@ PIPELINES = [("train", "ViTPose"), ("train", "MaskPose"), ("val", "ViTPose"), ("
 def pose_dataset(split: str, model: str, reference: bool = False):
     """The dataset a PoseDataModule builds for ``split``/``model`` on the 12 people of the shared COCO sample: the
     paper recipe (no photometric augmentation, as MMPose's config), uint8 crops (normalised on the device)."""
-    from bmp_lightning.data.datasets import TopDownPoseDataset
-    from bmp_lightning.data.readers import read_coco_keypoints
-    from bmp_lightning.data.transforms import build_pose_pipeline
 
     coco = SHARED / "data" / "coco"
     if not coco.is_dir():
@@ -74,10 +75,6 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
     CPU time of this process, so other jobs on the machine do not inflate the figures."""
     from contextlib import ExitStack
     from unittest import mock
-
-    import bmp_lightning.data.datasets as datasets
-    import bmp_lightning.data.records as records
-    import bmp_lightning.data.transforms as transforms
 
     totals: dict[str, float] = {}
 
@@ -120,10 +117,6 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
 def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
     """PoseEstimator crop preparation for ``n_boxes`` masked people on one image: ms per image region-first and in
     the full-image order (MaskBackground over the whole image per person, then the warp)."""
-    from bmp_lightning.data.transforms import Compose
-    from bmp_lightning.models.components.pose_net import vitpose_tiny
-    from bmp_lightning.pose import PoseEstimator
-    from bmp_lightning.utils.bench_pose import sample_scene
 
     img, boxes, masks, _ = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_tiny(num_keypoints=21, img_size=(256, 192)), use_mask=True, flip_test=False)
@@ -134,8 +127,8 @@ def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
         for box, mask in zip(boxes, masks, strict=True):
             full({"img": img, "bbox": box, "mask": mask, **zeros}, np.random.default_rng(0))
 
-    region = _timeit(lambda: est._crops(img, boxes, list(masks)), repeats=7)
-    reference = _timeit(full_order, repeats=7)
+    region = best_time(lambda: est._crops(img, boxes, list(masks)), repeats=7)
+    reference = best_time(full_order, repeats=7)
     return 1e3 * region, 1e3 * reference
 
 
@@ -172,28 +165,26 @@ def bench_data() -> None:
     print(f"PoseEstimator crops, 16 masked people on one image: {region:.1f} ms region-first, {full:.1f} ms full-image")
 
     torch.set_num_threads(threads)
-    from bmp_lightning.data.codec import UDPHeatmap
 
     codec = UDPHeatmap()
     n = int(os.environ.get("BENCH_DECODER_N", "1024"))
     hm = torch.rand(n, 21, 64, 48)
-    sec = _timeit(lambda: codec.decode(hm))
+    sec = best_time(lambda: codec.decode(hm))
     threads = torch.get_num_threads()
     print(f"DARK-UDP decoder, batch of {n}x21 heatmaps (CPU, {threads} threads): {n / sec:.0f} instances/s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["data", "pose", "det", "loop"])
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m bmp_lightning.tools.bench what=data|pose|det|loop`` (threads: ``BENCH_THREADS``, default 2)."""
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, main.__doc__ or "")
+    what = args.get("what")
+    if what not in BENCHES or set(args) != {"what"}:
+        raise SystemExit(f"usage: {main.__doc__}")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    if args.what == "data":
-        bench_data()
-    else:
-        from importlib import import_module
+    BENCHES[what]()
 
-        import_module(f"bmp_lightning.utils.bench_{args.what}").main()
 
+BENCHES = {"data": bench_data, "pose": bench_pose.main, "det": bench_det.main, "loop": bench_loop.main}
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@ line (``utils.run.task_wrapper``), with the full traceback at debug level or und
 
 from __future__ import annotations
 
+from bmp_lightning.structures.records import BadSampleError
+
 
 class UserError(RuntimeError):
     """A problem with the input (config, file) or the run itself; its message says what and where."""
@@ -16,10 +18,12 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint / weights file that cannot be read (truncated, empty, not a checkpoint)."""
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds Python objects other than tensors/containers/numpy arrays and would need full unpickling."""
+
+
 def is_user_error(err: BaseException) -> bool:
     """Errors whose message is the whole story: ours, a bad sample / unsafe pickle, a missing file."""
-    from bmp_lightning.data.records import BadSampleError
-    from bmp_lightning.interop.checkpoint import UnsafeCheckpointError
 
     return isinstance(err, (UserError, BadSampleError, UnsafeCheckpointError, FileNotFoundError))
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.masks import segmentation_to_mask
 from bmp_lightning.data.readers import mpii_box, read_coco_keypoints, read_mpii
 from bmp_lightning.loop.segmenter import Sam2Segmenter
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.masks import segmentation_to_mask
 from bmp_lightning.tools import make_sam_masks as tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bmp_lightning.data.io import read_image
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.records import BadSampleError
 
 COCO_IMAGE = "000000000785.jpg"  # 425 x 640 in the shared COCO sample
 
@@ -48,7 +48,7 @@ def test_truncated_jpeg_is_refused_not_gray_filled(tmp_path: Path, coco_jpeg: Pa
 
 
 def test_every_cut_of_a_real_jpeg_is_found(coco_jpeg: Path):
-    from bmp_lightning.data.io import jpeg_end
+    from bmp_lightning.structures.io import jpeg_end
 
     data = coco_jpeg.read_bytes()
     assert jpeg_end(data) == len(data)

@@ -15,7 +15,7 @@ rest in iteration 2, with their keypoints (score 0.9) so that SAM gets its 6 pro
 work of a real crowded image. With given weights (``BENCH_DETECTOR`` and ``BENCH_POSE``) the models' own outputs
 are used.
 
-    python -m bmp_lightning.utils.bench loop     # BENCH_THREADS=2, BENCH_IMAGES=3, BENCH_SIZES=tiny,full,
+    python -m bmp_lightning.tools.bench what=loop     # BENCH_THREADS=2, BENCH_IMAGES=3, BENCH_SIZES=tiny,full,
                                                  # BENCH_DEVICE=cpu, BENCH_PEOPLE=8
 """
 
@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from bmp_lightning.data.synthetic import Scene, sample_scene
+from bmp_lightning.detector import Detector
 from bmp_lightning.loop.bmp import BMP
+from bmp_lightning.loop.build import load_detector, load_pose, load_segmenter
+from bmp_lightning.loop.segmenter import Sam2Segmenter
+from bmp_lightning.models.components.pose_net import maskpose_b
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_l
+from bmp_lightning.pose import PoseEstimator
 
 IMAGE_HW = (480, 640)  # OCHuman / COCO-like picture size
 
@@ -70,10 +76,6 @@ def _params(module: torch.nn.Module) -> float:
 
 def build_models(size: str, device: str) -> tuple[Any, Any, Any, list[str]]:
     """``(detector, pose, segmenter, description lines)`` of the ``tiny`` or ``full`` model set."""
-    from bmp_lightning.detector import Detector
-    from bmp_lightning.loop.build import load_detector, load_pose, load_segmenter
-    from bmp_lightning.loop.segmenter import Sam2Segmenter
-    from bmp_lightning.pose import PoseEstimator
 
     if size == "tiny":
         det = load_detector("tiny_random", device)
@@ -82,9 +84,6 @@ def build_models(size: str, device: str) -> tuple[Any, Any, Any, list[str]]:
         notes = ["tiny random RTMDet-Ins (320 px) + tiny MaskPose (256x192) + tiny SAM 2 (128 px)"]
     elif size == "full":
         from transformers import Sam2Model
-
-        from bmp_lightning.models.components.pose_net import maskpose_b
-        from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins_l
 
         notes = []
         if os.environ.get("BENCH_DETECTOR"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bmp_lightning.utils.distributed import launcher_environment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SNIPPET = """
 import json

@@ -2,8 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
-from bmp_lightning.data import keypoints as kp
+from bmp_lightning.data.codec import flip_test_heatmaps
+from bmp_lightning.data.transforms import RandomFlip
+from bmp_lightning.metrics.oks import default_sigmas
+from bmp_lightning.structures import keypoints as kp
 
 # Typed from the dataset documentation by joint *name*: source joint -> merged joint.
 MPII_BY_NAME = {
@@ -90,3 +94,40 @@ def test_to_merged_round_trip():
         assert np.all(merged[:, unmapped] == 0)  # unmapped slots: visibility 0 -> zero loss weight
     with pytest.raises(ValueError, match="mpii keypoints need 16"):
         kp.to_merged(np.zeros((17, 3)), "mpii")
+
+
+def test_the_default_schema_is_a_value():
+    assert kp.BMP21.num_keypoints == 21 and kp.BMP21.keypoints == kp.KEYPOINTS
+    assert kp.BMP21.flip_indices() == kp.FLIP_INDICES and kp.BMP21.flip_indices(17) == kp.COCO_FLIP_INDICES
+    assert kp.schema_for(21) is kp.BMP21 and kp.schema_for(17) is kp.BMP21 and kp.schema_for(14) is None
+    assert kp.flip_indices_for(14)[11:] == (12, 11, 13)  # a smaller head: the first slots, pairs it holds whole
+    with pytest.raises(ValueError, match="no keypoint schema with 23"):
+        kp.flip_indices_for(23)
+    with pytest.raises(ValueError, match="sigmas"):
+        kp.KeypointSchema("bad", ("a", "b"), (), (0.1,), (0,), (1,))
+
+
+def test_a_23_keypoint_schema_is_a_new_value(monkeypatch):
+    """Upstream's newer models (MaskPose-1.1.0, PMPose) predict 23 keypoints: a new KeypointSchema value, registered,
+    is what the flip test, the training flip and OKS use for 23-channel heads; no module is edited."""
+    b = kp.BMP21
+    s23 = kp.KeypointSchema(
+        "test23", b.keypoints + ("left_big_toe", "right_big_toe"), b.flip_pairs + ((21, 22),),
+        b.sigmas + (0.089, 0.088), b.upper_body, b.lower_body + (21, 22),
+    )  # fmt: skip
+    monkeypatch.setitem(kp.SCHEMAS, 23, s23)  # register_schema(s23), undone after the test
+    assert kp.flip_indices_for(23)[21:] == (22, 21) and kp.flip_indices_for(23)[:21] == kp.FLIP_INDICES
+
+    # the flip test of PoseEstimator / PoseLitModule on a 23-channel head
+    hm = torch.arange(2 * 23 * 4 * 3, dtype=torch.float32).reshape(2, 23, 4, 3)
+    out = flip_test_heatmaps(lambda x: hm, torch.zeros(1, 3, 8, 6), kp.flip_indices_for)
+    torch.testing.assert_close(out[0, 21], 0.5 * (hm[0, 21] + hm[1, 22].flip(-1)))
+
+    # the training flip swaps the toes
+    sample = {"img": np.zeros((10, 20, 3), np.uint8), "bbox": np.array([2.0, 2.0, 12.0, 8.0]),
+              "keypoints": np.zeros((23, 2), np.float32), "keypoints_visible": np.ones(23, np.float32)}  # fmt: skip
+    sample["keypoints"][21] = (3.0, 5.0)
+    flipped = RandomFlip(prob=1.0)(sample, np.random.default_rng(0))
+    np.testing.assert_allclose(flipped["keypoints"][22], (20 - 1 - 3.0, 5.0))
+
+    np.testing.assert_allclose(default_sigmas(23)[-2:], [0.089, 0.088])

@@ -15,7 +15,7 @@ import pytest
 
 from bmp_lightning.utils.loggers import run_name, wandb_credentials, wandb_logger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 

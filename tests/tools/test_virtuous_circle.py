@@ -86,8 +86,8 @@ def test_virtuous_circle_iteration_2_beats_iteration_1(tmp_path):
     Training is deterministic, so the figures of experiments/bmp_synthetic/README.md repeat (pose AP 0.1021 -> 0.1043,
     recall@0.5 0.465 -> 0.516, 8 people found); the margins are small, so only the direction is asserted."""
     env = {**os.environ, "BMP_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "bmp_lightning.tools.virtuous_circle", "--out", str(tmp_path / "out"),
-           "--det-epochs", "30", "--pose-epochs", "16"]  # fmt: skip
+    cmd = [sys.executable, "-m", "bmp_lightning.tools.virtuous_circle", f"out={tmp_path / 'out'}",
+           "det_epochs=30", "pose_epochs=16"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -14,7 +14,7 @@ import re
 import cv2
 import numpy as np
 
-from bmp_lightning.data.records import BadSampleError
+from bmp_lightning.structures.records import BadSampleError
 
 _CORRUPT = "image unreadable or corrupt"  # the BadSampleError kind (skip reports)
 _JPEG_SOI = b"\xff\xd8"

@@ -7,45 +7,29 @@
 - RTMDet-Ins-tiny training step (forward, criterion with assignment, backward, AdamW) on a synthetic batch.
 - CUDA (when available): the same for RTMDet-Ins-L, training under bf16 autocast.
 
-    python -m bmp_lightning.utils.bench det        # BENCH_THREADS=2 by default
+    python -m bmp_lightning.tools.bench what=det     # BENCH_THREADS=2 by default
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-
-def _best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync: bool = False) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if sync:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+from bmp_lightning.data.synthetic.scene import sample_scene
+from bmp_lightning.detector import Detector
+from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
+from bmp_lightning.models.instseg_module import InstSegLitModule, rtmdet_param_groups
+from bmp_lightning.utils.timing import best_time
 
 
 def _image(seed: int = 0) -> np.ndarray:
     """A 256x320 synthetic crowd scene (RGB uint8): resized to 512x640 by the Detector."""
-    from bmp_lightning.data.synthetic.scene import sample_scene
 
     return sample_scene(np.random.default_rng([seed, 0]), (256, 320)).image
 
 
 def bench_detector(size: str, device: str = "cpu", repeats: int = 3) -> dict[str, float]:
     """``Detector`` s/img at 640 for a random RTMDet-Ins of ``size``: default test config and ``score_thr=0``."""
-    from bmp_lightning.detector import Detector
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
 
     torch.manual_seed(0)
     model = rtmdet_ins(size, num_classes=1)
@@ -55,16 +39,13 @@ def bench_detector(size: str, device: str = "cpu", repeats: int = 3) -> dict[str
     for thr in (0.05, 0.0):
         det = Detector(model, device=device, score_thr=thr, input_size=640, batch_size=1)
         n = len(det(img)[0]["scores"])
-        out[f"thr{thr}"] = _best_time(lambda det=det: det(img), repeats=repeats, sync=sync)
+        out[f"thr{thr}"] = best_time(lambda det=det: det(img), repeats=repeats, sync=sync)
         out[f"n{thr}"] = n
     return out
 
 
 def bench_train_step(size: str, batch: int, input_size: int, device: str = "cpu", repeats: int = 3) -> float:
     """Seconds per training step (forward, RTMDet-Ins criterion, backward, AdamW) on a synthetic batch."""
-    from bmp_lightning.data.synthetic.scene import sample_scene
-    from bmp_lightning.models.components.rtmdet.rtmdet_ins import rtmdet_ins
-    from bmp_lightning.models.instseg_module import InstSegLitModule, rtmdet_param_groups
 
     torch.manual_seed(0)
     module = InstSegLitModule(rtmdet_ins(size, num_classes=1), ema=True).to(device)
@@ -96,7 +77,7 @@ def bench_train_step(size: str, batch: int, input_size: int, device: str = "cpu"
         opt.step()
         module.ema_model.update(module.model)
 
-    return _best_time(step, repeats=repeats, sync=cuda)
+    return best_time(step, repeats=repeats, sync=cuda)
 
 
 def main() -> None:

@@ -6,37 +6,27 @@
 - CUDA (when available): bf16-mixed training img/s (forward, MSE loss, backward, AdamW step) and inference crops/s
   (``PoseEstimator``, fp32 and the network alone under bf16 autocast) of ViT-B.
 
-    python -m bmp_lightning.utils.bench pose        # BENCH_THREADS=2 by default; BENCH_BOXES=16
+    python -m bmp_lightning.tools.bench what=pose     # BENCH_THREADS=2 by default; BENCH_BOXES=16
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bmp_lightning.data.codec import keypoint_mse_loss
+from bmp_lightning.data.readers import read_coco_keypoints
+from bmp_lightning.models.components.pose_net import vitpose_b
+from bmp_lightning.models.optim import layer_decay_param_groups
+from bmp_lightning.pose import PoseEstimator
+from bmp_lightning.structures.io import read_image
+from bmp_lightning.utils.timing import best_time
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
-
-
-def _best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1, sync: bool = False) -> float:
-    """Best wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs (CUDA synchronised when ``sync``)."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], str]:
@@ -45,9 +35,6 @@ def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     coco = SHARED / "data" / "coco"
     if (coco / "test_coco.json").is_file():
-        from bmp_lightning.data.io import read_image
-        from bmp_lightning.data.readers import read_coco_keypoints
-
         records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
         by_image: dict[str, list] = {}
         for rec in records:
@@ -75,14 +62,12 @@ def sample_scene(n_boxes: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 def bench_estimator(device: str = "cpu", n_boxes: int = 16, repeats: int = 3) -> dict[str, float]:
     """``PoseEstimator`` (ViT-B, 21 keypoints, flip test, masks) on one image with ``n_boxes`` boxes -> crops/s."""
-    from bmp_lightning.models.components.pose_net import vitpose_b
-    from bmp_lightning.pose import PoseEstimator
 
     img, boxes, masks, what = sample_scene(n_boxes)
     est = PoseEstimator(vitpose_b(num_keypoints=21), use_mask=True, flip_test=True, device=device, batch_size=64)
     sync = device.startswith("cuda")
-    total = _best_time(lambda: est(img, boxes, masks), repeats=repeats, sync=sync)
-    prep = _best_time(lambda: est._crops(img, boxes, masks), repeats=repeats)
+    total = best_time(lambda: est(img, boxes, masks), repeats=repeats, sync=sync)
+    prep = best_time(lambda: est._crops(img, boxes, masks), repeats=repeats)
     print(f"  input: {what}, {n_boxes} boxes, MaskPose masks, flip test")
     print(
         f"  PoseEstimator end to end ({device}): {n_boxes / total:8.1f} crops/s  ({1000 * total / n_boxes:.1f} ms/crop)"
@@ -94,9 +79,6 @@ def bench_estimator(device: str = "cpu", n_boxes: int = 16, repeats: int = 3) ->
 
 def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
     """bf16-mixed training img/s of ViT-B (21 keypoints, drop-path 0.3) at 256x192 on the current CUDA device."""
-    from bmp_lightning.data.codec import keypoint_mse_loss
-    from bmp_lightning.models.components.pose_net import vitpose_b
-    from bmp_lightning.models.optim import layer_decay_param_groups
 
     dev = torch.device("cuda")
     net = vitpose_b(num_keypoints=21).to(dev).train()
@@ -113,7 +95,7 @@ def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec = _best_time(lambda: [step() for _ in range(steps)], repeats=2, warmup=1, sync=True)
+    sec = best_time(lambda: [step() for _ in range(steps)], repeats=2, warmup=1, sync=True)
     rate = batch_size * steps / sec
     print(f"  training, bf16-mixed, batch {batch_size}: {rate:8.1f} img/s  ({1000 * sec / steps:.0f} ms/step)")
     return rate
@@ -121,7 +103,6 @@ def bench_cuda_training(batch_size: int = 64, steps: int = 10) -> float:
 
 def bench_cuda_inference(batch_size: int = 128, steps: int = 10) -> float:
     """Network-only inference crops/s of ViT-B with flip test (2 passes per crop) under bf16 autocast."""
-    from bmp_lightning.models.components.pose_net import vitpose_b
 
     dev = torch.device("cuda")
     net = vitpose_b(num_keypoints=21).to(dev).eval()
@@ -133,7 +114,7 @@ def bench_cuda_inference(batch_size: int = 128, steps: int = 10) -> float:
             for _ in range(steps):
                 net(torch.cat([x, x.flip(-1)]))
 
-    sec = _best_time(run, repeats=2, warmup=1, sync=True)
+    sec = best_time(run, repeats=2, warmup=1, sync=True)
     rate = batch_size * steps / sec
     print(f"  inference, network only, bf16, flip test, batch {batch_size}: {rate:8.1f} crops/s")
     return rate
