@@ -105,6 +105,11 @@ def compose_job(config_name: str | None, *overrides: str, base_dir: Path, out_di
     return cfg
 
 
+def compose_run(config_name: str, overrides: list[str], out_dir: Path) -> Any:
+    """``compose_job`` for one run whose folder is ``out_dir`` (data and logs beside it, in ``out_dir.parent``)."""
+    return compose_job(config_name, *overrides, base_dir=out_dir.parent, out_dir=out_dir)
+
+
 @pytest.fixture(scope="session")
 def compose_cfg() -> Callable[..., Any]:
     """:func:`compose_job` itself, for fixtures wider than a test (they pass their own ``base_dir``)."""

@@ -17,15 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_job
+from tests.conftest import compose_run
 from tests.test_train import TINY, _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _compose(config_name: str, overrides: list[str], out_dir: Path):
-    """``conf/<config_name>`` composed as the entry point sees it, run dir ``out_dir``."""
-    return compose_job(config_name, *overrides, base_dir=out_dir.parent, out_dir=out_dir)
 
 
 # 2 epochs of 6 steps, one DataLoader worker, last.ckpt after every step (and at epoch end, after validation)
@@ -65,7 +60,7 @@ DET = [
 
 
 def _cfg(base: list[str], data_dir: Path, run: Path, *extra: str):
-    return _compose("train.yaml", [*base, f"paths.data_dir={data_dir}", f"paths.log_dir={run.parent}", *extra], run)
+    return compose_run("train.yaml", [*base, f"paths.data_dir={data_dir}", f"paths.log_dir={run.parent}", *extra], run)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,15 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import compose_job
+from tests.conftest import compose_run
 from tests.test_train import ROOT, TINY, _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _compose(config_name: str, overrides: list[str], out_dir: Path):
-    """``conf/<config_name>`` composed as the entry point sees it, run dir ``out_dir``."""
-    return compose_job(config_name, *overrides, base_dir=out_dir.parent, out_dir=out_dir)
 
 
 # 2 epochs of 4 steps, a checkpoint after every step
@@ -66,7 +61,7 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _pose_cfg(data_dir: Path, run: Path, *extra: str):
-    return _compose(
+    return compose_run(
         "train.yaml", [*TINY, *SHORT, f"paths.data_dir={data_dir}", f"paths.log_dir={run.parent}", *extra], run
     )
 
@@ -121,7 +116,7 @@ def test_diverging_run_stops_naming_step_and_last_finite_checkpoint(
         cfg = _pose_cfg(synthetic_pose_data_dir, run, "model.lr=1e10")
     else:
         paths = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path}"]
-        cfg = _compose("train.yaml", [*DET, *paths, "model.lr=1e10", "model.warmup_iters=1"], run)
+        cfg = compose_run("train.yaml", [*DET, *paths, "model.lr=1e10", "model.warmup_iters=1"], run)
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg)
     msg = str(err.value)
@@ -262,7 +257,7 @@ def test_every_experiment_config_passes_the_type_check(tmp_path: Path) -> None:
 
     for exp in sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")):
         for name in ("train.yaml", "eval.yaml"):
-            check_entry_config(_compose(name, [f"experiment={exp}"], tmp_path))
+            check_entry_config(compose_run(name, [f"experiment={exp}"], tmp_path))
 
 
 def test_cli_config_error_is_one_line_and_nonzero(tmp_path: Path) -> None:

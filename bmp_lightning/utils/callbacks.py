@@ -75,19 +75,12 @@ def render_pose_panels(
     return grid(tiles, cols=max(1, cols))
 
 
-class PoseVisualizer(Callback):
-    """Every ``every_n_epochs`` validation epochs, draw GT vs. predicted skeletons on the first validation crops.
+class PanelVisualizer(Callback):
+    """What the pose and detector visualisers share: when to draw (every ``every_n_epochs`` validation epochs and
+    the last; rank 0; not in the sanity check) and where the grid goes (``<run dir>/<dirname>/epoch_XXX_step_XXXXXX
+    .png`` for any logger, W&B image ``log_key`` with a ``WandbLogger``). Subclasses collect panels, call ``_write``."""
 
-    The crops are the network's input (denormalised; MaskPose crops show the dimmed background), the instance mask
-    is outlined when the record has one, predictions come from the module's ``predict_heatmaps`` + ``codec.decode``
-    (crop pixels). The grid goes to ``<run dir>/<dirname>/epoch_XXX_step_XXXXXX.png`` for any logger and to W&B as an
-    image (``log_key``) when a ``WandbLogger`` is attached. Rank 0 only; nothing during the sanity check.
-
-    Args:
-        every_n_epochs: draw on validation epochs whose ``current_epoch + 1`` is a multiple (and the last one).
-        num_samples: crops taken from the first validation batch(es) of ``dataloader_idx``.
-        cols: crop pairs per row; score_thr: predicted joints below it are not drawn.
-    """
+    caption = "GT (left) | prediction (right)"
 
     def __init__(
         self,
@@ -102,16 +95,10 @@ class PoseVisualizer(Callback):
         super().__init__()
         if every_n_epochs < 1 or num_samples < 1:
             raise ValueError(f"every_n_epochs and num_samples must be >= 1, got {every_n_epochs}, {num_samples}")
-        self.every_n_epochs = int(every_n_epochs)
-        self.num_samples = int(num_samples)
-        self.cols = int(cols)
-        self.dataloader_idx = int(dataloader_idx)
-        self.score_thr = float(score_thr)
-        self.dirname = dirname
-        self.log_key = log_key
-        self._panels: list[dict[str, np.ndarray]] = []
+        self.every_n_epochs, self.num_samples, self.cols = int(every_n_epochs), int(num_samples), int(cols)
+        self.dataloader_idx, self.score_thr = int(dataloader_idx), float(score_thr)
+        self.dirname, self.log_key = dirname, log_key
         self.saved: list[Path] = []
-        self._warned = False
 
     def _active(self, trainer: L.Trainer) -> bool:
         if trainer.sanity_checking or not trainer.is_global_zero:
@@ -119,6 +106,49 @@ class PoseVisualizer(Callback):
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         return epoch % self.every_n_epochs == 0 or last
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, image: np.ndarray) -> None:
+        out_dir = Path(trainer.default_root_dir or ".") / self.dirname
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:06d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        self.saved.append(path)
+        caption = f"epoch {trainer.current_epoch} step {trainer.global_step}: {self.caption}"
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                lg.log_image(key=self.log_key, images=[image], caption=[caption], step=trainer.global_step)
+
+
+class PoseVisualizer(PanelVisualizer):
+    """Every ``every_n_epochs`` validation epochs, draw GT vs. predicted skeletons on the first validation crops.
+
+    The crops are the network's input (denormalised; MaskPose crops show the dimmed background), the instance mask
+    is outlined when the record has one, predictions come from the module's ``predict_heatmaps`` + ``codec.decode``
+    (crop pixels). The grid goes to ``<run dir>/<dirname>/epoch_XXX_step_XXXXXX.png`` for any logger and to W&B as an
+    image (``log_key``) when a ``WandbLogger`` is attached. Rank 0 only; nothing during the sanity check.
+
+    Args:
+        every_n_epochs: draw on validation epochs whose ``current_epoch + 1`` is a multiple (and the last one).
+        num_samples: crops taken from the first validation batch(es) of ``dataloader_idx``.
+        cols: crop pairs per row; score_thr: predicted joints below it are not drawn.
+    """
+
+    caption = "GT (left, green) | prediction (right)"
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        num_samples: int = 8,
+        cols: int = 4,
+        dataloader_idx: int = 0,
+        score_thr: float = 0.3,
+        dirname: str = "vis",
+        log_key: str = "val/vis",
+    ) -> None:
+        super().__init__(every_n_epochs, num_samples, cols, dataloader_idx, score_thr, dirname, log_key)
+        self._panels: list[dict[str, np.ndarray]] = []
+        self._warned = False
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._panels = []
@@ -196,15 +226,3 @@ class PoseVisualizer(Callback):
             cat["crops"], cat["gt"], cat["gt_visible"], cat["pred"], cat["scores"], masks, self.score_thr, self.cols
         )
         self._write(trainer, image)
-
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer, image: np.ndarray) -> None:
-        out_dir = Path(trainer.default_root_dir or ".") / self.dirname
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:06d}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        self.saved.append(path)
-        caption = f"epoch {trainer.current_epoch} step {trainer.global_step}: GT (left, green) | prediction (right)"
-        for lg in trainer.loggers:
-            if type(lg).__name__ == "WandbLogger":
-                lg.log_image(key=self.log_key, images=[image], caption=[caption], step=trainer.global_step)

@@ -4,16 +4,14 @@ masks on the first validation images, as a PNG grid in ``<run dir>/vis/`` and a 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 
+from bmp_lightning.utils.callbacks import PanelVisualizer
 from bmp_lightning.utils.visualize import draw_boxes, draw_masks, grid
 
 log = logging.getLogger("bmp_lightning")
@@ -38,7 +36,7 @@ def render_detection_panels(
     return grid(pairs, cols=cols, pad=pad)
 
 
-class DetectionVisualizer(Callback):
+class DetectionVisualizer(PanelVisualizer):
     """Every ``every_n_epochs`` validation epochs (and the last), draw GT vs. predicted instances (``score_thr`` and
     above; the module's ``predict_batch``, EMA network) on the first ``num_samples`` validation images, in the
     network's input frame. Same arguments and outputs as ``PoseVisualizer``; rank 0 only, not during the sanity
@@ -54,21 +52,8 @@ class DetectionVisualizer(Callback):
         dirname: str = "vis",
         log_key: str = "val/vis",
     ) -> None:
-        super().__init__()
-        if every_n_epochs < 1 or num_samples < 1:
-            raise ValueError(f"every_n_epochs and num_samples must be >= 1, got {every_n_epochs}, {num_samples}")
-        self.every_n_epochs, self.num_samples, self.cols = int(every_n_epochs), int(num_samples), int(cols)
-        self.dataloader_idx, self.score_thr = int(dataloader_idx), float(score_thr)
-        self.dirname, self.log_key = dirname, log_key
+        super().__init__(every_n_epochs, num_samples, cols, dataloader_idx, score_thr, dirname, log_key)
         self._items: list[tuple[np.ndarray, dict, dict]] = []
-        self.saved: list[Path] = []
-
-    def _active(self, trainer: L.Trainer) -> bool:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return False
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        return epoch % self.every_n_epochs == 0 or last
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._items = []
@@ -103,15 +88,3 @@ class DetectionVisualizer(Callback):
             return
         images, gts, preds = zip(*items)
         self._write(trainer, render_detection_panels(list(images), list(gts), list(preds), self.cols))
-
-    @rank_zero_only
-    def _write(self, trainer: L.Trainer, image: np.ndarray) -> None:
-        out_dir = Path(trainer.default_root_dir or ".") / self.dirname
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:06d}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        self.saved.append(path)
-        caption = f"epoch {trainer.current_epoch} step {trainer.global_step}: GT (left) | prediction (right)"
-        for lg in trainer.loggers:
-            if type(lg).__name__ == "WandbLogger":
-                lg.log_image(key=self.log_key, images=[image], caption=[caption], step=trainer.global_step)
