@@ -50,7 +50,7 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench-data: install ## data pipeline throughput (samples/s per worker, decoder instances/s)
+bench-data: install ## data pipelines train/val x ViTPose/MaskPose, samples/s vs MMPose + one-sample profile; decoder instances/s
 	$(PY) -m bmp_lightning.tools.bench what=data
 
 bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA
@@ -82,6 +82,9 @@ eval: install ## evaluate a checkpoint: make eval ARGS="experiment=maskpose_b ck
 bmp: install ## the BMP loop evaluation job: make bmp ARGS="split=ochuman_val detector=... pose=..."
 	$(PY) -m bmp_lightning.bmp $(ARGS)
 
+doctor: install ## every missing input of a run, in one table: make doctor ARGS="experiment=maskpose_b" (exit 1 if any)
+	$(PY) -m bmp_lightning.doctor $(ARGS)
+
 clean: ## remove caches and build files (keeps .venv and logs)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
@@ -92,4 +95,4 @@ clean-logs: ## remove logs/
 clean-all: clean clean-logs ## also remove the virtual environment
 	rm -rf $(VENV)
 
-.PHONY: train sweep eval bmp help install test test-full test-gpu gpu-check lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
+.PHONY: train sweep eval bmp doctor help install test test-full test-gpu gpu-check lint format bench-data bench-pose bench-loop bench-det demo smoke clean clean-logs clean-all
