@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bmp_lightning.structures.io import read_image
+from bmp_lightning.structures.io import open_image, read_image
 from bmp_lightning.structures.records import BadSampleError, PersonRecord, SkipLog
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,9 @@ class TopDownPoseDataset(Dataset):
     def load_sample(self, index: int, rec: PersonRecord | None = None) -> dict[str, Any]:
         """The sample dict the pipeline receives (full image, nothing transformed yet)."""
         rec = self.records[index] if rec is None else rec
-        img = read_image(rec.image_path, where=rec.where())
+        region_first = bool(getattr(self.pipeline, "region_first", False))
+        # a region-first pipeline decodes only the pixels it reads, of the image and of the mask
+        img = (open_image if region_first else read_image)(rec.image_path, where=rec.where())
         h, w = img.shape[:2]
         if rec.image_size is not None and tuple(rec.image_size) != (h, w):
             raise BadSampleError(
@@ -154,8 +156,7 @@ class TopDownPoseDataset(Dataset):
         mask = None
         if self.use_mask and rec.has_mask:
             try:
-                # a region-first pipeline decodes only the pixels it reads
-                mask = rec.mask(h, w, lazy=bool(getattr(self.pipeline, "region_first", False)))
+                mask = rec.mask(h, w, lazy=region_first)
             except (TypeError, ValueError, KeyError) as err:  # BadSampleError is a ValueError too
                 raise BadSampleError(
                     f"{rec.where()}: cannot decode the segmentation: {err}", kind="segmentation unusable"

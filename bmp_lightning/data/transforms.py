@@ -523,7 +523,8 @@ class RoiCompose(Compose):
         mat = geometry[0]
         flip = bool(sample.get("flip", False))
         mask = sample.get("mask")
-        if masking is None and not flip and mask is None:  # nothing to change before the warp: warp the image
+        decoded = isinstance(img, np.ndarray)  # else an EncodedImage: only the boxes read get decoded
+        if decoded and masking is None and not flip and mask is None:  # nothing to change: warp the image
             crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
             return self._after_warp(affine.finish(sample, geometry, crop, None), streams)
         x0, y0, x1, y1 = source_region(mat, affine.input_size, width, height)  # in the (maybe flipped) frame
@@ -536,7 +537,7 @@ class RoiCompose(Compose):
         if flip:
             region = region[:, ::-1]
             mask = None if mask is None else mask[:, ::-1]
-        if flip or not np.may_share_memory(region, img):  # flipped or masked pixels: warp them from a scratch image
+        if flip or not decoded or not np.may_share_memory(region, img):  # flipped or masked pixels: warp them from a scratch image
             crop = warp_region(region, mat, (x0, y0), affine.input_size, cv2.INTER_LINEAR, (height, width))
         else:  # untouched pixels: the image itself is the source
             crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)

@@ -14,6 +14,7 @@ import re
 import cv2
 import numpy as np
 
+from bmp_lightning.structures import jpeg_region
 from bmp_lightning.structures.records import BadSampleError
 
 _CORRUPT = "image unreadable or corrupt"  # the BadSampleError kind (skip reports)
@@ -95,6 +96,72 @@ def read_image(path: str | os.PathLike, where: str = "") -> np.ndarray:
     with open(path, "rb") as f:
         data = f.read()
     return decode_image(data, path, where)
+
+
+class EncodedImage:
+    """An image file's checked bytes, decoded on demand: whole, or only the box a crop reads.
+
+    What region-first pipelines receive as ``sample["img"]`` (:class:`~bmp_lightning.data.transforms.RoiCompose`):
+    ``shape`` comes from the JPEG header and ``img[y0:y1, x0:x1]`` decodes that box only
+    (:func:`~bmp_lightning.structures.jpeg_region.decode_jpeg_region`), with exactly the pixels the same box of
+    :func:`read_image` has. Files the region decoder does not take (PNG, CMYK, EXIF-rotated, 12-bit, ...) or a
+    platform without it: the whole image is decoded once, at construction, and boxes are views of it.
+    """
+
+    __slots__ = ("data", "path", "where", "info", "_full", "shape")
+
+    def __init__(self, data: bytes, path: str = "", where: str = "") -> None:
+        self.data, self.path, self.where = data, path, where
+        self._full: np.ndarray | None = None
+        self.info = jpeg_region.parse_jpeg(data) if jpeg_region.available() else None
+        if self.info is not None and self.info.orientation == 1:
+            self.shape = (self.info.height, self.info.width, 3)
+        else:  # checks the bytes (truncation, ...) and decodes everything
+            self._full = decode_image(data, path, where)
+            self.shape = self._full.shape
+
+    @property
+    def region_decoding(self) -> bool:
+        """Whether boxes are decoded on their own (else they are cut from the whole decoded image)."""
+        return self._full is None
+
+    def full(self) -> np.ndarray:
+        """The whole ``(H, W, 3)`` RGB uint8 image (decoded once, then kept)."""
+        if self._full is None:
+            self._full = decode_image(self.data, self.path, self.where)
+        return self._full
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        img = self.full()
+        return img if dtype is None else img.astype(dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """``img[y0:y1, x0:x1]`` (step-1 slices within the image): that box's pixels; anything else indexes
+        the whole decoded image."""
+        if self._full is None and isinstance(key, tuple) and len(key) == 2 and all(
+            isinstance(k, slice) and k.step in (None, 1) for k in key
+        ):
+            (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape[:2], strict=True))
+            if y1 > y0 and x1 > x0:
+                box = jpeg_region.decode_jpeg_region(
+                    self.data, (x0, y0, x1, y1), self.info, where=f"{self.path} ({self.where})"
+                )
+                if box is not None:
+                    return box
+        return self.full()[key]
+
+
+def open_image(path: str | os.PathLike, where: str = "") -> EncodedImage:
+    """:func:`read_image` for region-first pipelines: the checked file, decoded only where it is read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        ctx = f" ({where})" if where else ""
+        raise BadSampleError(f"image not found: {path}{ctx}", kind="image not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) == 0:
+        check_image_bytes(data, path, where)
+    return EncodedImage(data, path, where)
 
 
 def as_rgb_array(image: str | os.PathLike | np.ndarray) -> np.ndarray:
