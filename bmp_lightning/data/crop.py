@@ -29,6 +29,7 @@ __all__ = [
     "invert_affine",
     "source_region",
     "warp_region",
+    "image_canvas",
 ]
 
 
@@ -111,21 +112,31 @@ def source_region(
 
     The crop grid is convex, so its source is the hull of the four mapped corners; ``margin`` covers the second
     bilinear tap and the 1/32-pixel fixed-point rounding of OpenCV's coordinates. A crop that samples nothing of the
-    image gets a 1-pixel box at the nearest edge (it reads only the constant border either way).
+    image gets a 1-pixel box at the nearest edge (it reads only the constant border either way). Plain float
+    arithmetic: this runs once per sample, where numpy's per-call overhead on 2x3 arrays would dominate.
     """
     w, h = int(output_size[0]), int(output_size[1])
-    corners = np.array([[0.0, 0.0], [w - 1.0, 0.0], [0.0, h - 1.0], [w - 1.0, h - 1.0]])
-    src = affine_points(corners, invert_affine(mat))
-    lo = np.floor(src.min(axis=0)) - margin
-    hi = np.floor(src.max(axis=0)) + margin + 1
-    x0 = int(np.clip(lo[0], 0, width - 1))
-    y0 = int(np.clip(lo[1], 0, height - 1))
-    x1 = int(np.clip(hi[0], x0 + 1, width))
-    y1 = int(np.clip(hi[1], y0 + 1, height))
+    a, b, c, d, e, f = (float(v) for v in invert_affine(mat).reshape(6))
+    xs = [a * u + b * v + c for u, v in ((0.0, 0.0), (w - 1.0, 0.0), (0.0, h - 1.0), (w - 1.0, h - 1.0))]
+    ys = [d * u + e * v + f for u, v in ((0.0, 0.0), (w - 1.0, 0.0), (0.0, h - 1.0), (w - 1.0, h - 1.0))]
+    x0 = min(max(math.floor(min(xs)) - margin, 0), width - 1)
+    y0 = min(max(math.floor(min(ys)) - margin, 0), height - 1)
+    x1 = min(max(math.floor(max(xs)) + margin + 1, x0 + 1), width)
+    y1 = min(max(math.floor(max(ys)) + margin + 1, y0 + 1), height)
     return x0, y0, x1, y1
 
 
 _scratch = threading.local()  # one image-sized scratch buffer per thread (DataLoader workers: per process)
+
+
+def image_canvas(shape: Sequence[int]) -> np.ndarray:
+    """A reused, uninitialised uint8 array of ``shape`` (one per thread): where a region-first pipeline decodes the
+    box of an image it reads, at the box's place, so that the warp reads it with the image's own coordinates."""
+    n = int(np.prod(shape))
+    buf = getattr(_scratch, "canvas", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.canvas = np.empty(max(n, 1 << 20), np.uint8)
+    return buf[:n].reshape(tuple(int(v) for v in shape))
 
 
 def warp_region(
@@ -164,6 +175,8 @@ class TopdownAffine:
     final ``bbox_center``/``bbox_scale`` (float32, what :func:`~bmp_lightning.data.codec.keypoints_to_image`
     needs), ``input_size``, and the warped ``mask`` if one is present (nearest neighbour, for visualisation).
     """
+
+    draws_random = False  # a deterministic warp (the pipelines build no random stream for it)
 
     def __init__(self, input_size: Sequence[int] = (192, 256), padding: float = 1.25) -> None:
         self.input_size = (int(input_size[0]), int(input_size[1]))

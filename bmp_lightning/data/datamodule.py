@@ -300,6 +300,7 @@ class PoseDataModule(L.LightningDataModule):
         if mask_optional is not None:
             kwargs["mask_continue_on_failure"] = bool(mask_optional)
         use_mask = self.use_mask if use_mask is None else use_mask
+        kwargs.setdefault("warp_mask", False)  # batches carry no mask: do not warp it to the crop
         return build_pose_pipeline(train=train, use_mask=use_mask, **kwargs)
 
     # ------------------------------------------------------------------ synthetic data

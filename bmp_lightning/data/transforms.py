@@ -39,6 +39,7 @@ from bmp_lightning.data.crop import (
     bbox_cs_to_xyxy,
     bbox_xyxy_to_cs,
     fix_aspect_ratio,
+    image_canvas,
     get_udp_warp_matrix,
     source_region,
     warp_region,
@@ -105,14 +106,43 @@ def _set_box(sample: Sample, bbox: np.ndarray, padding: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
-def transform_streams(rng: np.random.Generator, n: int) -> list[np.random.Generator]:
-    """One independent random stream per pipeline position, spawned from the sample's generator.
+class TransformStreams(Sequence[np.random.Generator]):
+    """Stream ``i`` of :func:`transform_streams`, created when first used (most transforms draw nothing)."""
+
+    __slots__ = ("_key", "_made")
+
+    def __init__(self, key: tuple[int, ...], n: int) -> None:
+        self._key = key
+        self._made: list[np.random.Generator | None] = [None] * n
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def of(self, i: int, transform: Any) -> np.random.Generator | None:
+        """Stream ``i`` for ``transform``; ``None`` (and nothing built) for a transform that declares
+        ``draws_random = False``."""
+        return self[i] if getattr(transform, "draws_random", True) else None
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        g = self._made[i]
+        if g is None:
+            g = self._made[i] = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self._key, i % len(self)])))
+        return g
+
+
+def transform_streams(rng: np.random.Generator, n: int) -> TransformStreams:
+    """One independent random stream per pipeline position, derived from the sample's generator.
 
     A transform's draws then depend only on the sample's seed and its own position in the pipeline, never on how
     many numbers the transforms before it drew; so the region-first pipeline (:class:`RoiCompose`), which runs the
-    geometric transforms before ``MaskBackground``, draws exactly what the full-image reference draws.
+    geometric transforms before ``MaskBackground``, draws exactly what the full-image reference draws. Two 64-bit
+    words drawn from ``rng`` (which advances it: a generator reused across samples gives each its own streams) and
+    the position seed stream ``i`` through a ``SeedSequence``; streams are built on first use, since building one
+    costs ~10 us and most transforms never draw.
     """
-    return rng.spawn(n)
+    return TransformStreams(tuple(int(v) for v in rng.bit_generator.random_raw(2)), n)
 
 
 class Compose:
@@ -129,8 +159,9 @@ class Compose:
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         rng = np.random.default_rng() if rng is None else rng
         sample = dict(sample)
-        for t, stream in zip(self.transforms, transform_streams(rng, len(self.transforms)), strict=True):
-            sample = t(sample, stream)
+        streams = transform_streams(rng, len(self.transforms))
+        for i, t in enumerate(self.transforms):
+            sample = t(sample, streams.of(i, t))
         return sample
 
     @property
@@ -144,6 +175,8 @@ class Compose:
 
 class GetBBoxCenterScale:
     """``bbox`` -> ``bbox_center``, ``bbox_scale`` (= size * padding) and ``bbox_rotation`` 0; validates the box."""
+
+    draws_random = False  # its stream is never built (see TransformStreams.of)
 
     def __init__(self, padding: float = 1.25) -> None:
         self.padding = padding
@@ -459,6 +492,8 @@ class PhotometricAug:
 class GenerateTarget:
     """Crop keypoints -> ``heatmaps`` ``(K, H, W)`` float32 and ``keypoint_weights`` ``(K,)`` float32."""
 
+    draws_random = False
+
     def __init__(self, codec: UDPHeatmap | None = None) -> None:
         self.codec = codec if codec is not None else UDPHeatmap()
 
@@ -493,8 +528,11 @@ class RoiCompose(Compose):
     # datasets may hand the mask as a lazily decoded RleMask: only the regions read are decoded
     region_first = True
 
-    def __init__(self, transforms: Sequence[Callable[[Sample, np.random.Generator], Sample]]) -> None:
+    def __init__(
+        self, transforms: Sequence[Callable[[Sample, np.random.Generator], Sample]], warp_mask: bool = True
+    ) -> None:
         super().__init__(transforms)
+        self.warp_mask = warp_mask
         warps = [i for i, t in enumerate(self.transforms) if isinstance(t, TopdownAffine)]
         if len(warps) != 1:
             raise ValueError(f"RoiCompose needs exactly one TopdownAffine, got {len(warps)}")
@@ -517,18 +555,22 @@ class RoiCompose(Compose):
             elif isinstance(t, RandomFlip):
                 t.flip_geometry(sample, streams[i], width)
             else:
-                sample = t(sample, streams[i])
+                sample = t(sample, streams.of(i, t))
         affine: TopdownAffine = self.transforms[self._warp]
         geometry = affine.geometry(sample)
         mat = geometry[0]
         flip = bool(sample.get("flip", False))
         mask = sample.get("mask")
-        decoded = isinstance(img, np.ndarray)  # else an EncodedImage: only the boxes read get decoded
-        if decoded and masking is None and not flip and mask is None:  # nothing to change: warp the image
+        if isinstance(img, np.ndarray) and masking is None and not flip and mask is None:  # warp the image as is
             crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
             return self._after_warp(affine.finish(sample, geometry, crop, None), streams)
         x0, y0, x1, y1 = source_region(mat, affine.input_size, width, height)  # in the (maybe flipped) frame
         box = (width - x1, y0, width - x0, y1) if flip else (x0, y0, x1, y1)
+        if not isinstance(img, np.ndarray):  # an EncodedImage: decode the box only, in place on a reused canvas
+            img = sample["img"] = img.decode_into(image_canvas(img.shape), box)
+            if masking is None and not flip and mask is None:  # the warp reads nothing outside the box
+                crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
+                return self._after_warp(affine.finish(sample, geometry, crop, None), streams)
         if masking is not None:
             region, mask = self.transforms[masking].apply_region(sample, streams[masking], box)
         else:
@@ -537,17 +579,20 @@ class RoiCompose(Compose):
         if flip:
             region = region[:, ::-1]
             mask = None if mask is None else mask[:, ::-1]
-        if flip or not decoded or not np.may_share_memory(region, img):  # flipped or masked pixels: warp them from a scratch image
+        if flip or not np.may_share_memory(region, img):  # flipped or masked pixels: warp them from a scratch image
             crop = warp_region(region, mat, (x0, y0), affine.input_size, cv2.INTER_LINEAR, (height, width))
         else:  # untouched pixels: the image itself is the source
             crop = cv2.warpAffine(img, mat, affine.input_size, flags=cv2.INTER_LINEAR)
-        if mask is not None:
+        if mask is not None and self.warp_mask:
             mask = warp_region(mask, mat, (x0, y0), affine.input_size, cv2.INTER_NEAREST, (height, width))
+        elif mask is not None:  # the crop's mask is for visualisation only: datasets do not batch it
+            sample.pop("mask", None)
+            mask = None
         return self._after_warp(affine.finish(sample, geometry, crop, mask), streams)
 
     def _after_warp(self, sample: Sample, streams: list[np.random.Generator]) -> Sample:
         for i in range(self._warp + 1, len(self.transforms)):
-            sample = self.transforms[i](sample, streams[i])
+            sample = self.transforms[i](sample, streams.of(i, self.transforms[i]))
         return sample
 
 
@@ -571,6 +616,7 @@ def build_pose_pipeline(
     rotate_prob: float = 0.6,
     val_targets: bool = False,
     roi: bool = True,
+    warp_mask: bool = True,
 ) -> Compose:
     """The top-down pipeline in BBoxMaskPose's order.
 
@@ -578,6 +624,8 @@ def build_pose_pipeline(
     [photometric] -> targets. val: center/scale -> [MaskBackground(no perturbation)] -> UDP affine [-> targets if
     ``val_targets``]. ``use_mask`` selects MaskPose (True) or plain ViTPose (False). ``roi``: run it region-first
     (:class:`RoiCompose`, the default for datasets) instead of the full-image reference order (:class:`Compose`).
+    ``warp_mask=False``: the region-first pipeline drops the mask instead of warping it to the crop (datasets do
+    not batch it; the reference order always warps it).
     """
     ts: list[Any] = [GetBBoxCenterScale(padding)]
     if use_mask:
@@ -602,4 +650,4 @@ def build_pose_pipeline(
         ts.append(PhotometricAug())
     if train or val_targets:
         ts.append(GenerateTarget(UDPHeatmap(input_size, heatmap_size, sigma)))
-    return RoiCompose(ts) if roi else Compose(ts)
+    return RoiCompose(ts, warp_mask=warp_mask) if roi else Compose(ts)

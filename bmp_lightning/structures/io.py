@@ -131,6 +131,17 @@ class EncodedImage:
             self._full = decode_image(self.data, self.path, self.where)
         return self._full
 
+    def decode_into(self, out: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Write the pixels of ``box = (x0, y0, x1, y1)`` into the image-sized ``out`` at their place (only the box
+        is guaranteed; nearby pixels may be written too) and return ``out``."""
+        x0, y0, x1, y1 = box
+        if self._full is None and jpeg_region.decode_jpeg_region(
+            self.data, box, self.info, where=f"{self.path} ({self.where})", out=out
+        ) is not None:
+            return out
+        out[y0:y1, x0:x1] = self.full()[y0:y1, x0:x1]
+        return out
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         img = self.full()
         return img if dtype is None else img.astype(dtype)

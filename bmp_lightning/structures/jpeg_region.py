@@ -24,6 +24,7 @@ undefined state; ``BMP_JPEG_REGION=0`` turns the whole path off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import re
@@ -78,6 +79,33 @@ def _exif_orientation(seg: bytes) -> int | None:
     except (ValueError, IndexError):
         return 0
     return 1
+
+
+@functools.lru_cache(maxsize=1024)  # most files of a data set share a few Huffman tables
+def _dht_tables(seg: bytes) -> tuple[tuple[int, int], ...] | None:
+    """The ``(class, slot)`` of each Huffman table of a DHT segment, or ``None`` when libjpeg would refuse one."""
+    out = []
+    k = 0
+    while k < len(seg):
+        if k + 17 > len(seg):
+            return None
+        tc, th = seg[k] >> 4, seg[k] & 15
+        bits = seg[k + 1 : k + 17]
+        count = sum(bits)
+        if tc > 1 or th > 3 or count > 256 or k + 17 + count > len(seg):
+            return None
+        last = max((si for si, nb in enumerate(bits, start=1) if nb), default=0)
+        code = 0
+        for si in range(1, last + 1):  # canonical codes must fit their lengths (jdhuff.c's check)
+            code += bits[si - 1]
+            if code >= 1 << si:
+                return None
+            code <<= 1
+        if tc == 0 and count and max(seg[k + 17 : k + 17 + count]) > 15:
+            return None  # a DC symbol is a bit count <= 15
+        out.append((tc, th))
+        k += 17 + count
+    return tuple(out)
 
 
 def parse_jpeg(data: bytes | memoryview) -> JpegInfo | None:
@@ -157,27 +185,11 @@ def parse_jpeg(data: bytes | memoryview) -> JpegInfo | None:
                 qt.add(tq)
                 k += 1 + size
         elif marker == 0xC4:  # DHT
-            k = 0
-            while k < len(seg):
-                if k + 17 > len(seg):
-                    return None
-                tc, th = seg[k] >> 4, seg[k] & 15
-                bits = seg[k + 1 : k + 17]
-                count = sum(bits)
-                if tc > 1 or th > 3 or count > 256 or k + 17 + count > len(seg):
-                    return None
-                last = max((si for si, nb in enumerate(bits, start=1) if nb), default=0)
-                code = 0
-                for si in range(1, last + 1):  # canonical codes must fit their lengths (jdhuff.c's check)
-                    code += bits[si - 1]
-                    if code >= 1 << si:
-                        return None
-                    code <<= 1
-                vals = seg[k + 17 : k + 17 + count]
-                if tc == 0 and any(v > 15 for v in vals):
-                    return None
+            tables = _dht_tables(seg)
+            if tables is None:
+                return None
+            for tc, th in tables:
                 (ac if tc else dc).add(th)
-                k += 17 + count
         elif marker == 0xDD:  # DRI
             if length != 4:
                 return None
@@ -435,11 +447,19 @@ def available() -> bool:
 
 
 def decode_jpeg_region(
-    data: bytes, box: tuple[int, int, int, int], info: JpegInfo | None = None, where: str = ""
+    data: bytes,
+    box: tuple[int, int, int, int],
+    info: JpegInfo | None = None,
+    where: str = "",
+    out: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """RGB uint8 pixels ``[y0:y1, x0:x1]`` of the JPEG ``data`` (``box = (x0, y0, x1, y1)``, half-open, inside
     the image), equal to the same box of a full decode; ``None`` when the file or the platform is not supported
-    (then decode the whole image)."""
+    (then decode the whole image).
+
+    ``out``: an image-sized ``(H, W, 3)`` uint8 array with contiguous rows to decode into, in place (the band around
+    the box is written at its image position; the rest of ``out`` is left alone); the result is then a view of it.
+    """
     lib = _library()
     if lib is None:
         return None
@@ -449,6 +469,10 @@ def decode_jpeg_region(
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= info.width and 0 <= y0 < y1 <= info.height):
         raise ValueError(f"box {box} outside the {info.width}x{info.height} image")
+    if out is not None and (
+        out.shape != (info.height, info.width, 3) or out.dtype != np.uint8 or out.strides[1:] != (3, 1)
+    ):
+        raise ValueError(f"out must be a ({info.height}, {info.width}, 3) uint8 array with contiguous rows")
     # the band decoded: the box plus MARGIN (libjpeg widens the columns further, to iMCU boundaries)
     m = MARGIN[info.progressive]
     bx0, by0 = max(0, x0 - m), max(0, y0 - m)
@@ -473,17 +497,26 @@ def decode_jpeg_region(
             L.jpeg_crop_scanline(ci, ctypes.addressof(xoff), ctypes.addressof(width))
         if by0 > 0:
             L.jpeg_skip_scanlines(ci, by0)
-        rows = by1 - cinfo.output_scanline
-        band = np.empty((rows + _SLACK, width.value, 3), np.uint8)
-        # the row pointers (JSAMPARRAY) as one integer array; libjpeg returns a row group (1-2 rows) per call, so
-        # the call is the hot loop: one reused pointer object, no argument conversion, a constant max_lines
-        # (_SLACK spare rows take what the last call writes past the box)
-        ptrs = band.ctypes.data + np.arange(rows + _SLACK, dtype=np.uintp) * np.uintp(band.strides[0])
+        start = cinfo.output_scanline
+        rows = by1 - start
+        if out is None:
+            band = np.empty((rows + _SLACK, width.value, 3), np.uint8)  # _SLACK spare rows: see below
+            first, col = 0, 0
+        else:
+            band, first, col = out, start, xoff.value
+        # the row pointers (JSAMPARRAY) as one integer array. libjpeg returns a row group (1-2 rows) per call, so
+        # the call is the hot loop: one reused pointer object, no argument conversion, a constant max_lines while
+        # rows remain (into a private band, spare rows take what a last call may write past the box)
+        stride = band.strides[0]
+        n_ptrs = rows + (_SLACK if out is None else 0)
+        ptrs = band.ctypes.data + (first * stride + 3 * col) + np.arange(n_ptrs, dtype=np.uintp) * np.uintp(stride)
         addr = ptrs.ctypes.data
         cur, read, cptr, nmax = ctypes.c_void_p(addr), lib.read_scanlines, ctypes.c_void_p(ci), lib.max_lines
         done = 0
         while done < rows:
             cur.value = addr + 8 * done
+            if out is not None and rows - done < _SLACK:
+                nmax = ctypes.c_uint(rows - done)
             got = read(cptr, cur, nmax)
             if got == 0:
                 return None  # cannot happen with an in-memory source; be safe
@@ -492,6 +525,7 @@ def decode_jpeg_region(
         L.jpeg_abort_decompress(ci)
         L.jpeg_destroy_decompress(ci)
         _state.where = None
-    cx0 = x0 - xoff.value
-    cy0 = y0 - by0
+    if out is not None:
+        return out[y0:y1, x0:x1]
+    cx0, cy0 = x0 - xoff.value, y0 - start
     return band[cy0 : cy0 + (y1 - y0), cx0 : cx0 + (x1 - x0)]

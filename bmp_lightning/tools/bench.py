@@ -46,7 +46,9 @@ def pose_dataset(split: str, model: str, reference: bool = False):
         raise SystemExit(f"bench-data needs the shared sample data ({SHARED.name}/data/coco beside the project)")
     records = read_coco_keypoints(coco / "test_coco.json", coco, source="coco")
     use_mask = model == "MaskPose"
-    pipeline = build_pose_pipeline(train=split == "train", use_mask=use_mask, photometric=False, roi=not reference)
+    pipeline = build_pose_pipeline(
+        train=split == "train", use_mask=use_mask, photometric=False, roi=not reference, warp_mask=False
+    )
     return TopDownPoseDataset(records, pipeline, normalize=False, use_mask=use_mask)
 
 
