@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JpegInfo", "parse_jpeg", "decode_jpeg_region", "available", "MARGIN"]
+__all__ = ["JpegInfo", "parse_jpeg", "decode_jpeg_region", "available", "MARGIN", "margin_kind"]
 
-# px decoded around the box, whose edges libjpeg treats as image edges: chroma upsampling reaches 1 chroma sample
-# (2 px) past them; progressive files also get block smoothing, which reads DC values 2 blocks away (32 px of 4:2:0)
-MARGIN = {False: int(os.environ.get("BMP_JPEG_MARGIN", 16)), True: 48}  # by progressive
+# px decoded around the box, whose edges libjpeg treats as image edges. Baseline 4:4:4 (most COCO images): none, each
+# 8x8 block decodes on its own. Chroma-subsampled: upsampling reaches 1 chroma sample (2 px) past an edge.
+# Progressive: block smoothing also reads DC values 2 blocks away (32 px of 4:2:0 chroma).
+MARGIN = {"baseline_444": 0, "baseline_subsampled": 16, "progressive": 48}
 _SLACK = 4  # rows per jpeg_read_scanlines call at most (a row group is max_v_samp_factor <= 2 rows)
 _MAX_DIMENSION = 65500  # libjpeg's JPEG_MAX_DIMENSION
 _LIB_VERSION = 62  # the libjpeg ABI of Pillow's copy (libjpeg.so.62)
@@ -56,6 +57,7 @@ class JpegInfo:
     width: int
     components: int
     progressive: bool
+    subsampled: bool  # chroma stored at a lower resolution than luma (4:2:0, 4:2:2, ...)
     orientation: int  # EXIF orientation tag (1 = upright; OpenCV rotates the others)
 
 
@@ -243,7 +245,8 @@ def parse_jpeg(data: bytes | memoryview) -> JpegInfo | None:
     if frame is None or scans == 0 or len(latched) != len(frame[2]):
         return None
     h, w, comps, progressive = frame
-    return JpegInfo(h, w, len(comps), progressive, orientation)
+    subsampled = len({(hs, vs) for hs, vs, _ in comps.values()}) > 1
+    return JpegInfo(h, w, len(comps), progressive, subsampled, orientation)
 
 
 # ---------------------------------------------------------------------------------------------- the library
@@ -446,6 +449,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def margin_kind(info: JpegInfo) -> str:
+    """The :data:`MARGIN` entry of a file."""
+    return "progressive" if info.progressive else "baseline_subsampled" if info.subsampled else "baseline_444"
+
+
 def decode_jpeg_region(
     data: bytes,
     box: tuple[int, int, int, int],
@@ -474,7 +482,7 @@ def decode_jpeg_region(
     ):
         raise ValueError(f"out must be a ({info.height}, {info.width}, 3) uint8 array with contiguous rows")
     # the band decoded: the box plus MARGIN (libjpeg widens the columns further, to iMCU boundaries)
-    m = MARGIN[info.progressive]
+    m = MARGIN[margin_kind(info)]
     bx0, by0 = max(0, x0 - m), max(0, y0 - m)
     bx1, by1 = min(info.width, x1 + m), min(info.height, y1 + m)
     err = _ErrorMgr()
