@@ -39,8 +39,8 @@ from bmp_lightning.data.crop import (
     bbox_cs_to_xyxy,
     bbox_xyxy_to_cs,
     fix_aspect_ratio,
-    image_canvas,
     get_udp_warp_matrix,
+    image_canvas,
     source_region,
     warp_region,
 )
@@ -128,7 +128,8 @@ class TransformStreams(Sequence[np.random.Generator]):
             return [self[k] for k in range(*i.indices(len(self)))]
         g = self._made[i]
         if g is None:
-            g = self._made[i] = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self._key, i % len(self)])))
+            seq = np.random.SeedSequence([*self._key, i % len(self)])
+            g = self._made[i] = np.random.Generator(np.random.PCG64(seq))
         return g
 
 
@@ -242,6 +243,14 @@ class MaskBackground:
             raise BadSampleError(f"{_where(sample)}: mask {mask.shape[:2]} does not match image {shape}")
         return mask
 
+    @property
+    def draws_random(self) -> bool:
+        """Whether this transform uses its random stream (not in validation: always masked, no perturbation)."""
+        return self.perturb or self.prob < 1.0
+
+    def _skipped(self, rng: np.random.Generator | None) -> bool:
+        return self.prob < 1.0 and rng.random() >= self.prob  # prob 1 (BMP's setting): no draw
+
     def _perturb_kwargs(self) -> dict[str, float]:
         return {
             "erode_prob": self.erode_prob,
@@ -252,7 +261,7 @@ class MaskBackground:
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         mask = self._checked_mask(sample)
-        if mask is None or rng.random() >= self.prob:
+        if mask is None or self._skipped(rng):
             return sample
         img = sample["img"]
         mask = (np.asarray(mask) > 0).astype(np.uint8)
@@ -273,7 +282,7 @@ class MaskBackground:
         mask = self._checked_mask(sample)
         if mask is None:
             return img, None
-        if rng.random() >= self.prob:
+        if self._skipped(rng):
             return img, mask[y0:y1, x0:x1]
         if self.perturb:
             region = perturb_mask_region(mask, box, rng, **self._perturb_kwargs())
@@ -282,18 +291,23 @@ class MaskBackground:
         return self.dim_background(img, region), region
 
     def dim_background(self, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """``cv2.addWeighted(img, 1 - alpha, img * mask, alpha, 0)`` for a 0/1 ``mask``, bit for bit, as two table
-        look-ups (the table is that very ``addWeighted`` on the 256 values) and a masked copy: ~8x faster."""
+        """``cv2.addWeighted(img, 1 - alpha, img * mask, alpha, 0)`` for a 0/1 ``mask``, bit for bit, without the
+        full-size products: background pixels through ``cv2.convertScaleAbs(img, 1 - alpha)`` (SIMD; 4x faster than
+        a table look-up) where that equals ``addWeighted`` on all 256 values (checked once per alpha), else through
+        the table of ``addWeighted``'s 256 results; foreground pixels copied (or through their own table when
+        ``addWeighted`` is not the identity on them)."""
         if img.dtype != np.uint8:
             return cv2.addWeighted(img, 1.0 - self.alpha, img * mask[..., None], self.alpha, 0.0)
         if getattr(self, "_luts", (None,))[0] != self.alpha:
             x = np.arange(256, dtype=np.uint8)[None]
             lut_bg = cv2.addWeighted(x, 1.0 - self.alpha, np.zeros_like(x), self.alpha, 0.0)[0]
             lut_fg = cv2.addWeighted(x, 1.0 - self.alpha, x, self.alpha, 0.0)[0]
-            self._luts = (self.alpha, lut_bg, None if np.array_equal(lut_fg, x[0]) else lut_fg)
-        _, lut_bg, lut_fg = self._luts
+            scale_ok = np.array_equal(cv2.convertScaleAbs(x, alpha=1.0 - self.alpha)[0], lut_bg)
+            self._luts = (self.alpha, lut_bg, None if np.array_equal(lut_fg, x[0]) else lut_fg, scale_ok)
+        _, lut_bg, lut_fg, scale_ok = self._luts
         fg = img if lut_fg is None else cv2.LUT(img, lut_fg)
-        return cv2.copyTo(fg, mask, cv2.LUT(img, lut_bg))
+        bg = cv2.convertScaleAbs(img, alpha=1.0 - self.alpha) if scale_ok else cv2.LUT(img, lut_bg)
+        return cv2.copyTo(fg, mask, bg)
 
     def __repr__(self) -> str:
         return f"MaskBackground(alpha={self.alpha}, perturb={self.perturb}, prob={self.prob})"

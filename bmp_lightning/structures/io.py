@@ -135,9 +135,11 @@ class EncodedImage:
         """Write the pixels of ``box = (x0, y0, x1, y1)`` into the image-sized ``out`` at their place (only the box
         is guaranteed; nearby pixels may be written too) and return ``out``."""
         x0, y0, x1, y1 = box
-        if self._full is None and jpeg_region.decode_jpeg_region(
-            self.data, box, self.info, where=f"{self.path} ({self.where})", out=out
-        ) is not None:
+        if (
+            self._full is None
+            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=f"{self.path} ({self.where})", out=out)
+            is not None
+        ):
             return out
         out[y0:y1, x0:x1] = self.full()[y0:y1, x0:x1]
         return out
@@ -149,8 +151,11 @@ class EncodedImage:
     def __getitem__(self, key) -> np.ndarray:
         """``img[y0:y1, x0:x1]`` (step-1 slices within the image): that box's pixels; anything else indexes
         the whole decoded image."""
-        if self._full is None and isinstance(key, tuple) and len(key) == 2 and all(
-            isinstance(k, slice) and k.step in (None, 1) for k in key
+        if (
+            self._full is None
+            and isinstance(key, tuple)
+            and len(key) == 2
+            and all(isinstance(k, slice) and k.step in (None, 1) for k in key)
         ):
             (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape[:2], strict=True))
             if y1 > y0 and x1 > x0:

@@ -377,7 +377,10 @@ def _pillow_libjpeg() -> str | None:
     except ImportError:
         return None
     root = os.path.dirname(os.path.dirname(PIL.__file__))
-    pats = [os.path.join(root, "pillow.libs", "libjpeg*.so.62*"), os.path.join(os.path.dirname(PIL.__file__), ".dylibs", "libjpeg.62*.dylib")]
+    pats = [  # manylinux wheels; macOS wheels
+        os.path.join(root, "pillow.libs", "libjpeg*.so.62*"),
+        os.path.join(os.path.dirname(PIL.__file__), ".dylibs", "libjpeg.62*.dylib"),
+    ]
     for pat in pats:
         hits = sorted(glob.glob(pat))
         if hits:
@@ -389,8 +392,9 @@ def _fatal(cinfo) -> None:  # libjpeg's error_exit: must not return, so it ends 
     err = cinfo.contents.err.contents
     msg = ctypes.create_string_buffer(200)
     ctypes.CFUNCTYPE(None, ctypes.POINTER(_Decompress), ctypes.c_char_p)(err.format_message)(cinfo, msg)
+    what = msg.value.decode(errors="replace")
     sys.stderr.write(
-        f"fatal libjpeg error in region decoding of {getattr(_state, 'where', '?')}: {msg.value.decode(errors='replace')}"
+        f"fatal libjpeg error in region decoding of {getattr(_state, 'where', '?')}: {what}"
         " (the file passed the pre-check: please report it; BMP_JPEG_REGION=0 decodes whole images instead)\n"
     )
     sys.stderr.flush()
@@ -428,6 +432,26 @@ class _Lib:
         self.path = path
         self._fatal = _ERROR_EXIT(_fatal)  # kept alive with the library
         self._emit = _EMIT(_quiet)
+        self._check_abi()
+
+    def _check_abi(self) -> None:
+        """Refuse a library whose ABI version or struct size differs from ours (``OSError``).
+
+        ``jpeg_CreateDecompress`` checks both first and reports a mismatch through ``error_exit``; here (only)
+        that callback may return: the library then clears and initialises the struct with *its* size, which an
+        oversized buffer absorbs, and the instance is destroyed normally.
+        """
+        seen: list[int] = []
+        probe = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda c: seen.append(err.msg_code))
+        err = _ErrorMgr()
+        self.lib.jpeg_std_error(ctypes.byref(err))
+        err.error_exit = ctypes.cast(probe, ctypes.c_void_p)
+        room = (ctypes.c_char * (4 * ctypes.sizeof(_Decompress)))()
+        ctypes.cast(room, ctypes.POINTER(_Decompress)).contents.err = ctypes.pointer(err)
+        self.lib.jpeg_CreateDecompress(ctypes.addressof(room), _LIB_VERSION, ctypes.sizeof(_Decompress))
+        self.lib.jpeg_destroy_decompress(ctypes.addressof(room))
+        if seen:
+            raise OSError(f"{self.path}: not the libjpeg ABI {_LIB_VERSION} this module binds (error {seen[0]})")
 
 
 _lib: _Lib | None | bool = False  # False: not looked for yet; None: not available
