@@ -271,16 +271,20 @@ def test_incomplete_progression_of_a_real_file_exact(sample_data_dir: Path):
 
 
 @needs_region
-def test_trailer_exif_and_comments_are_fine():
-    """Bytes after the end marker, an EXIF block saying 'upright', comments, JFIF: still the region path."""
+def test_trailer_exif_comments_and_rgb_coding_are_fine():
+    """Bytes after the end marker, an EXIF block saying 'upright', comments, JFIF, an RGB-coded file (Adobe
+    marker, no YCbCr): still the region path."""
     img = _texture(120, 161, 1)
     exif = Image.Exif()
     exif[0x0112] = 1
     rng = np.random.default_rng(50)
+    rgb_coded = [_pil_jpeg(img, keep_rgb=True, subsampling=0, progressive=p) for p in (False, True)]
+    assert all(d[2:11] == b"\xff\xee\x00\x0eAdobe" and d[17] == 0 for d in rgb_coded)  # Adobe transform 0: RGB
     for data in (
         _cv2_jpeg(img, "420", True) + b"\x00" * 16 + b"MOTION-PHOTO-DATA\xff\xd8\xff",
         _pil_jpeg(img, exif=exif.tobytes(), comment=b"hello", progressive=True),
         _cv2_jpeg(img, "422", False, rst=1),
+        *rgb_coded,
     ):
         info = parse_jpeg(data)
         assert info is not None and info.orientation == 1
@@ -388,6 +392,31 @@ def test_exif_rotated_jpeg_is_declined_and_decoded_rotated(tmp_path: Path):
         np.testing.assert_array_equal(enc[:, :], ref)
         np.testing.assert_array_equal(enc[10:60, 5:30], ref[10:60, 5:30])
         np.testing.assert_array_equal(np.asarray(enc), read_image(path))
+
+
+def _with_exif_orientation(data: bytes, orientation: int, order: str) -> bytes:
+    """``data`` with a hand-made EXIF block (byte order ``"II"`` or ``"MM"``) holding only the orientation tag."""
+    bo = "little" if order == "II" else "big"
+    tiff = order.encode() + (42).to_bytes(2, bo) + (8).to_bytes(4, bo) + (1).to_bytes(2, bo)
+    tiff += (0x0112).to_bytes(2, bo) + (3).to_bytes(2, bo) + (1).to_bytes(4, bo)  # SHORT, count 1
+    tiff += orientation.to_bytes(2, bo) + b"\x00\x00" + (0).to_bytes(4, bo)  # value (left-justified), no next IFD
+    payload = b"Exif\x00\x00" + tiff
+    return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+def test_every_exif_orientation_follows_opencv(order: str):
+    """OpenCV applies all 8 orientations (either byte order): only 1 takes the region path, the rest are decoded
+    whole and rotated / mirrored exactly as ``cv2.imdecode``."""
+    data = _cv2_jpeg(_texture(24, 40, 16), "420")
+    for orientation in range(1, 9):
+        tagged = _with_exif_orientation(data, orientation, order)
+        assert parse_jpeg(tagged).orientation == orientation
+        enc, ref = EncodedImage(tagged), _cv2_rgb(tagged)
+        assert ref.shape == ((24, 40, 3) if orientation <= 4 else (40, 24, 3))
+        assert enc.shape == ref.shape and enc.region_decoding == (orientation == 1 and jpeg_region.available())
+        np.testing.assert_array_equal(enc[:, :], ref, err_msg=f"orientation {orientation}")
+        np.testing.assert_array_equal(enc[3:17, 5:21], ref[3:17, 5:21], err_msg=f"orientation {orientation}")
 
 
 @pytest.mark.parametrize(
