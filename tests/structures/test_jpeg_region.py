@@ -166,7 +166,7 @@ def test_shared_sample_images_exact(sample_data_dir: Path, dataset: str, progres
         data = path.read_bytes()
         info = parse_jpeg(data)
         assert info is not None and info.progressive == progressive and info.components == 3, path.name
-        checked += _assert_exact(data, rng, 200, path.name)
+        checked += _assert_exact(data, rng, 150, path.name)
         img = open_image(path)  # the dataset's entry point takes the region path too
         assert img.region_decoding and img.shape == cv2.imread(str(path)).shape
     print(f"{dataset}: {checked} boxes in {len(paths)} files")
@@ -209,7 +209,7 @@ def test_grayscale_files_exact(progressive: bool):
             _pil_jpeg(gray, progressive=progressive, quality=quality),
         ):
             assert parse_jpeg(data) == JpegInfo(h, w, 1, progressive, 1)
-            checked += _assert_exact(data, rng, 12, f"gray {h}x{w} progressive={progressive} rst={rst}")
+            checked += _assert_exact(data, rng, 8, f"gray {h}x{w} progressive={progressive} rst={rst}")
     print(f"gray progressive={progressive}: {checked} boxes")
 
 
