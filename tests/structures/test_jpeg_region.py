@@ -419,6 +419,39 @@ def test_every_exif_orientation_follows_opencv(order: str):
         np.testing.assert_array_equal(enc[3:17, 5:21], ref[3:17, 5:21], err_msg=f"orientation {orientation}")
 
 
+def _with_xmp(data: bytes) -> bytes:
+    payload = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    return data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        pytest.param(
+            (6, 1),
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="parse_jpeg keeps the last EXIF block's orientation (1) while OpenCV applies the first (6): "
+                "the region path returns the unrotated 24x40 image where read_image gives the rotated 40x24",
+            ),
+        ),
+        (1, 6),
+        ("xmp", 6),
+    ],
+    ids=["exif6-then-exif1", "exif1-then-exif6", "xmp-then-exif6"],
+)
+def test_several_app1_blocks_follow_opencv(blocks: tuple):
+    """A file with two APP1 blocks (edited photos: EXIF twice, or XMP before EXIF): the pixels and shape are still
+    OpenCV's, whichever block it reads the orientation from."""
+    data = _cv2_jpeg(_texture(24, 40, 17), "420")
+    for block in reversed(blocks):  # the first listed ends up first in the file
+        data = _with_xmp(data) if block == "xmp" else _with_exif_orientation(data, block, "II")
+    enc, ref = EncodedImage(data), _cv2_rgb(data)
+    assert enc.shape == ref.shape
+    np.testing.assert_array_equal(enc[:, :], ref)
+    np.testing.assert_array_equal(enc[2:20, 3:22], ref[2:20, 3:22])
+
+
 @pytest.mark.parametrize(
     "edit",
     ["12-bit", "arithmetic SOF9", "lossless SOF3", "hierarchical SOF5", "2 components", "4:1:1 luma", "DNL height 0"],
