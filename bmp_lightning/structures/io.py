@@ -79,9 +79,12 @@ def check_image_bytes(data: bytes | memoryview, path: str = "", where: str = "")
 def decode_image(data: bytes | memoryview, path: str = "", where: str = "") -> np.ndarray:
     """Checked bytes of an image file -> ``(H, W, 3)`` RGB uint8 (EXIF orientation applied, as ``cv2.imread``)."""
     check_image_bytes(data, path, where)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    ctx = f" ({where})" if where else ""
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:  # e.g. a size field beyond OpenCV's pixel limit
+        raise BadSampleError(f"image unreadable or corrupt: {path}{ctx}: {err.err}", kind=_CORRUPT) from err
     if img is None or img.size == 0:
-        ctx = f" ({where})" if where else ""
         raise BadSampleError(f"image unreadable or corrupt: {path}{ctx}", kind=_CORRUPT)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 

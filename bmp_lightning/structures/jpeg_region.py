@@ -42,6 +42,7 @@ __all__ = ["JpegInfo", "parse_jpeg", "decode_jpeg_region", "available", "MARGIN"
 MARGIN = {"baseline_444": 0, "baseline_subsampled": 16, "progressive": 48}
 _SLACK = 4  # rows per jpeg_read_scanlines call at most (a row group is max_v_samp_factor <= 2 rows)
 _MAX_DIMENSION = 65500  # libjpeg's JPEG_MAX_DIMENSION
+_MAX_PIXELS = 1 << 30  # OpenCV's default image size limit (CV_IO_MAX_IMAGE_PIXELS)
 _LIB_VERSION = 62  # the libjpeg ABI of Pillow's copy (libjpeg.so.62)
 _JCS_RGB = 2
 # in entropy-coded data 0xFF is followed by 0x00 (stuffing) or RST0-7; anything else starts a marker
@@ -153,7 +154,7 @@ def parse_jpeg(data: bytes | memoryview) -> JpegInfo | None:
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:  # APPn / COM
             if marker == 0xE1:
                 o = _exif_orientation(seg)
-                if o is not None:
+                if o is not None and orientation == 1:  # the first EXIF block decides, as in OpenCV
                     orientation = o if o else -1
         elif marker in (0xC0, 0xC1, 0xC2):  # SOF: baseline, extended, progressive (Huffman)
             if frame is not None or len(seg) < 6:
@@ -161,6 +162,8 @@ def parse_jpeg(data: bytes | memoryview) -> JpegInfo | None:
             p, h, w, nf = seg[0], (seg[1] << 8) | seg[2], (seg[3] << 8) | seg[4], seg[5]
             if p != 8 or not (0 < h <= _MAX_DIMENSION and 0 < w <= _MAX_DIMENSION) or nf not in (1, 3):
                 return None
+            if h * w > _MAX_PIXELS:
+                return None  # a damaged size field (OpenCV refuses such files too): no huge allocation
             if len(seg) != 6 + 3 * nf:
                 return None
             comps: dict[int, tuple[int, int, int]] = {}

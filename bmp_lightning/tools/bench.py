@@ -16,6 +16,7 @@ import torch
 
 import bmp_lightning.data.datasets as datasets
 import bmp_lightning.data.transforms as transforms
+import bmp_lightning.structures.jpeg_region as jpeg_region
 import bmp_lightning.structures.records as records
 from bmp_lightning.data.codec import UDPHeatmap
 from bmp_lightning.data.datasets import TopDownPoseDataset
@@ -91,12 +92,14 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
         return wrapper
 
     steps = [
-        (datasets, "read_image", "JPEG read + decode (cv2.imread)"),
+        (datasets, "open_image", "image file read + JPEG structure check"),
+        (jpeg_region, "decode_jpeg_region", "JPEG decode of the box the crop reads"),
         (records.PersonRecord, "mask", "mask: RLE runs parsed (decoded lazily, by box)"),
         (transforms, "transform_streams", "per-transform random streams"),
         (transforms.MaskBackground, "apply_region", "MaskBackground on the region (incl. perturbation)"),
         (transforms, "perturb_mask_region", "  of which mask perturbation"),
-        (transforms, "warp_region", "warp (region-first, incl. flip copy)"),
+        (transforms.MaskBackground, "dim_background", "  of which background dimming"),
+        (transforms, "warp_region", "warp of flipped / masked pixels (incl. copy)"),
         (transforms.cv2, "warpAffine", "  cv2.warpAffine (all warps)"),
         (transforms.GenerateTarget, "__call__", "heatmap encoding"),
     ]
@@ -160,6 +163,11 @@ def bench_data() -> None:
             ref, ref_cpu = samples_per_s(pose_dataset(split, model, reference=True), epochs, repeats)
             line += f"  full-image reference order: {ref:.1f}, {ref_cpu:.1f} per CPU-second"
         print(line, flush=True)
+    lib = jpeg_region._library()
+    print(
+        "JPEG region decoding: "
+        + (f"on (libjpeg-turbo of Pillow, {Path(lib.path).name})" if lib else "off (whole images decoded)")
+    )
     print("Profile of one MaskPose train sample (CPU ms):")
     for label, ms in profile_sample(pose_dataset("train", "MaskPose"), epochs=max(epochs // 2, 1)):
         print(f"  {label:52s} {ms:6.2f}")

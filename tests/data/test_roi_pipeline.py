@@ -303,3 +303,75 @@ def test_rle_mask_decodes_boxes_like_pycocotools(sample_data_dir: Path):
     assert RleMask(mask_to_rle(np.zeros((5, 6), np.uint8)), 6, 5).shape == (5, 6)  # the RLE's size, as decode
     with pytest.raises(ValueError, match="cover 29 pixels"):
         RleMask({"size": [5, 6], "counts": [20, 9]}, 5, 6)
+
+
+# ------------------------------------------------------------------------------------------------- what users run
+@pytest.mark.parametrize("use_mask", [False, True], ids=["vitpose", "maskpose"])
+def test_configured_datamodule_samples_equal_reference(sample_data_dir: Path, cfg_data, use_mask: bool):
+    """The datasets the configured PoseDataModule builds (``data=sample``: COCO baseline 4:4:4 JPEGs, MPII / AIC
+    progressive 4:2:0 ones) decode only the box each crop reads, skip the unbatched mask warp, and still give the
+    tensors of the full-image reference pipeline with fully decoded images and masks, for train and val."""
+    import hydra
+
+    from bmp_lightning.structures.io import EncodedImage
+
+    cfg = cfg_data("sample", f"paths.shared_dir={sample_data_dir.parent}", f"data.use_mask={use_mask}")
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    pairs = [(dm.train_dataset, True)] + [(vs.dataset, False) for vs in dm.val_sets_info]
+    for fast, train in pairs:
+        assert isinstance(fast.pipeline, RoiCompose) and not fast.pipeline.warp_mask
+        ref_pipe = build_pose_pipeline(train=train, use_mask=use_mask, roi=False, **dm.pipeline_kwargs)
+        ref = TopDownPoseDataset(fast.records, ref_pipe, normalize=fast.normalize, seed=fast.seed, use_mask=use_mask)
+        img = fast.load_sample(0)["img"]
+        assert isinstance(img, EncodedImage) and img.region_decoding, "the JPEG region decoder is not in use"
+        assert isinstance(ref.load_sample(0)["img"], np.ndarray)
+        for epoch in range(2 if train else 1):
+            fast.set_epoch(epoch)
+            ref.set_epoch(epoch)
+            for i in range(len(fast)):
+                a, b = ref[i], fast[i]
+                for key in ("img", "heatmaps", "keypoint_weights", "bbox_center", "bbox_scale"):
+                    if key in a:
+                        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=f"#{i} epoch {epoch} {key}")
+                assert a.keys() == b.keys()
+
+
+def test_streams_are_lazy_distinct_and_skip_transforms_that_draw_nothing():
+    """Streams are built on first use only; a generator reused for several samples gives each its own streams;
+    transforms declaring ``draws_random = False`` get ``None`` (their stream is never built)."""
+    from bmp_lightning.data.transforms import transform_streams
+
+    rng = np.random.default_rng(5)
+    s1, s2 = transform_streams(rng, 3), transform_streams(rng, 3)
+    assert s1._made == [None, None, None]
+    assert s1[1].random() != s2[1].random()  # the parent advanced between the two calls
+    assert s1._made[0] is None and s1._made[2] is None
+    a, b = transform_streams(np.random.default_rng(9), 2), transform_streams(np.random.default_rng(9), 2)
+    assert a[1].random() == b[1].random() and a[0].random() != a[1].random()
+    seen = []
+
+    class Quiet:
+        draws_random = False
+
+        def __call__(self, sample, rng):
+            seen.append(rng)
+            return sample
+
+    Compose([Quiet(), GetBBoxCenterScale()])({"bbox": np.array([0.0, 0, 10, 20])}, np.random.default_rng(0))
+    assert seen == [None]
+    mb = MaskBackground(perturb=False, prob=1.0)
+    assert not mb.draws_random and MaskBackground(perturb=True).draws_random and MaskBackground(prob=0.5).draws_random
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.35, 0.5, 0.77, 1.0])
+def test_dim_background_equals_add_weighted(alpha: float):
+    """The fast background dimming equals MaskPose's ``cv2.addWeighted(img, 1 - a, img * mask, a, 0)`` bit for bit,
+    on all 256 values, on a strided view (a box of a larger image) as well."""
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    big[0, :64, :] = np.arange(256, dtype=np.uint8).reshape(64, 4)[:, :3]
+    img = big[:50, 3:70]
+    mask = (rng.random(img.shape[:2]) < 0.5).astype(np.uint8)
+    expected = cv2.addWeighted(img, 1.0 - alpha, img * mask[..., None], alpha, 0.0)
+    np.testing.assert_array_equal(MaskBackground(alpha=alpha).dim_background(img, mask), expected)
