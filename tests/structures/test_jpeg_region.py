@@ -573,7 +573,8 @@ while b"\\xff\\xdb" in no_dqt:  # drop the quantisation tables (one segment each
     i = no_dqt.index(b"\\xff\\xdb")
     no_dqt = no_dqt[:i] + no_dqt[i + 2 + int.from_bytes(no_dqt[i + 2 : i + 4], "big") :]
 assert b"\\xff\\xdb" not in no_dqt and parse_jpeg(no_dqt) is None  # the pre-check declines it...
-decode_jpeg_region(no_dqt, (0, 0, 4, 4), JpegInfo(16, 16, 3, False, False, 1), where="data/bad.jpg")  # ...forced through
+forced = JpegInfo(16, 16, 3, False, False, 1)
+decode_jpeg_region(no_dqt, (0, 0, 4, 4), forced, where="data/bad.jpg")  # ...forced through
 print("returned")
 """
 
