@@ -33,8 +33,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("BMP_SHARED_DIR", ROOT.parent / "shared"))
 
 
-# MMPose 1.3.2 with its ViTPose-B config on the same 12 people, single process (issue 10's side-by-side figures)
-MMPOSE_SAMPLES_PER_S = {"train": 217.0, "val": 345.0}
+# MMPose 1.3.2 (mmcv 2.1.0 without ops, mmengine 0.10.7, OpenCV 5.0.0, numpy 2.4.6) with the pipelines of its
+# ViTPose-B config (td-hm_ViTPose-base_8xb64-210e_coco-256x192.py: no photometric augmentation), CocoDataset on the
+# same 12 people, the same protocol, measured side by side with this benchmark on the project's 2-core development
+# machine (2026-12-05), in samples per CPU-second; issue 10's figures from another machine were 217 / 345.
+MMPOSE_SAMPLES_PER_S = {"train": 278.0, "val": 454.0}
 PIPELINES = [("train", "ViTPose"), ("train", "MaskPose"), ("val", "ViTPose"), ("val", "MaskPose")]
 
 
@@ -149,9 +152,9 @@ def bench_data() -> None:
     print(
         f"Data pipelines, 1 process: 12 COCO people (../shared/data/coco), images read every sample, {epochs} epochs,"
     )
-    print(f"median of {repeats} after a warm-up; uint8 crops (normalised on the device); goal 1.5x MMPose (issue 10:")
-    print("MMPose 1.3.2, ViTPose-B config, same protocol on an idle machine). Per CPU-second: the rate of one core")
-    print("even when other jobs share the machine (wall-clock samples/s drop with the load, CPU-time rates hardly).")
+    print(f"median of {repeats} after a warm-up; uint8 crops (normalised on the device); goal 1.5x MMPose (issue 10;")
+    print("MMPose 1.3.2, ViTPose-B config, same protocol, measured side by side on the 2-core development machine).")
+    print("Per CPU-second: the rate of one core even when other jobs share the machine.")
     for split, model in PIPELINES:
         rate, cpu_rate = samples_per_s(pose_dataset(split, model), epochs, repeats)
         mm = MMPOSE_SAMPLES_PER_S[split]

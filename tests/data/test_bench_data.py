@@ -23,7 +23,8 @@ def test_bench_data_prints_the_four_pipelines_profile_and_pose_crops(
     for split, model in bench.PIPELINES:
         line = re.search(rf"{split}\s+{model}\s+([\d.]+) samples/s,\s+([\d.]+) per CPU-second.*reference order", out)
         assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
-    assert re.search(r"JPEG read \+ decode \(cv2.imread\)\s+[\d.]+", out)
+    assert re.search(r"JPEG decode of the box the crop reads\s+[\d.]+", out)
+    assert "JPEG region decoding: on (libjpeg-turbo of Pillow" in out
     assert re.search(r"of which mask perturbation\s+[\d.]+", out)
     assert re.search(r"16 masked people on one image: [\d.]+ ms region-first, [\d.]+ ms full-image", out)
     assert "batch of 16x21 heatmaps" in out
