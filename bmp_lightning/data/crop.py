@@ -30,6 +30,7 @@ __all__ = [
     "source_region",
     "warp_region",
     "image_canvas",
+    "warp_scratch",
 ]
 
 
@@ -155,13 +156,20 @@ def warp_region(
     The buffer is reused; what it holds outside the region is never read.
     """
     x0, y0 = int(offset[0]), int(offset[1])
-    shape = (int(image_hw[0]), int(image_hw[1]), *region.shape[2:])
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.size < np.prod(shape) or buf.dtype != region.dtype:
-        buf = _scratch.buf = np.empty(max(int(np.prod(shape)), 1 << 20), region.dtype)  # reused: no page faults
-    buf = buf[: int(np.prod(shape))].reshape(shape)
-    buf[y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
+    buf = warp_scratch((int(image_hw[0]), int(image_hw[1]), *region.shape[2:]), region.dtype)
+    if not np.may_share_memory(region, buf):  # else it was computed in place (MaskBackground.apply_region's out)
+        buf[y0 : y0 + region.shape[0], x0 : x0 + region.shape[1]] = region
     return cv2.warpAffine(buf, mat, (int(output_size[0]), int(output_size[1])), flags=flags)
+
+
+def warp_scratch(shape: Sequence[int], dtype: Any = np.uint8) -> np.ndarray:
+    """The uninitialised image-sized buffer :func:`warp_region` warps from (one per thread, reused: no page faults).
+    A region computed straight into it at its place (``warp_scratch(...)[y0:y1, x0:x1]``) is not copied again."""
+    n = int(np.prod(shape))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
+        buf = _scratch.buf = np.empty(max(n, 1 << 20), dtype)
+    return buf[:n].reshape(tuple(int(v) for v in shape))
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
