@@ -122,6 +122,42 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
     return out
 
 
+def decode_floor(ds) -> dict[str, float]:
+    """CPU ms per validation sample of ``ds`` (a val dataset of :func:`pose_dataset`) for: OpenCV's whole decode,
+    the region decode of the crop's source box, the entropy decoding alone up to the box's last row (a 1-pixel
+    box on that row: a baseline JPEG cannot skip it), and the warp; best of 5 x 20 per sample, then averaged."""
+    import cv2
+
+    from bmp_lightning.data.crop import source_region
+    from bmp_lightning.data.transforms import GetBBoxCenterScale, TopdownAffine
+
+    def best(fn, *args) -> float:
+        out = float("inf")
+        for _ in range(5):
+            t = time.process_time()
+            for _ in range(20):
+                fn(*args)
+            out = min(out, (time.process_time() - t) / 20)
+        return 1e3 * out
+
+    affine = TopdownAffine((192, 256), 1.25)
+    sums = dict.fromkeys(("whole", "box", "entropy", "warp"), 0.0)
+    for i in range(len(ds)):
+        s = GetBBoxCenterScale(1.25)(ds.load_sample(i), None)
+        mat = affine.geometry(s)[0]
+        h, w = s["ori_shape"]
+        box = source_region(mat, affine.input_size, w, h)
+        data = Path(s["image_path"]).read_bytes()
+        buf = np.frombuffer(data, np.uint8)
+        info = jpeg_region.parse_jpeg(data)
+        sums["whole"] += best(cv2.imdecode, buf, cv2.IMREAD_COLOR)
+        sums["warp"] += best(cv2.warpAffine, cv2.imdecode(buf, cv2.IMREAD_COLOR), mat, affine.input_size)
+        if info is not None and jpeg_region.available():
+            sums["box"] += best(jpeg_region.decode_jpeg_region, data, box, info)
+            sums["entropy"] += best(jpeg_region.decode_jpeg_region, data, (0, box[3] - 1, 1, box[3]), info)
+    return {k: v / len(ds) for k, v in sums.items()}
+
+
 def bench_pose_crops(n_boxes: int = 16) -> tuple[float, float]:
     """PoseEstimator crop preparation for ``n_boxes`` masked people on one image: ms per image region-first and in
     the full-image order (MaskBackground over the whole image per person, then the warp)."""
@@ -174,6 +210,13 @@ def bench_data() -> None:
     print("Profile of one MaskPose train sample (CPU ms):")
     for label, ms in profile_sample(pose_dataset("train", "MaskPose"), epochs=max(epochs // 2, 1)):
         print(f"  {label:52s} {ms:6.2f}")
+    floor = decode_floor(pose_dataset("val", "ViTPose"))
+    least = floor["entropy"] + floor["warp"]
+    print(
+        f"Val floor (CPU ms per sample): whole decode {floor['whole']:.2f}, the crop's box {floor['box']:.2f}, "
+        f"of which entropy decoding to the box's last row {floor['entropy']:.2f}; warp {floor['warp']:.2f} -> at most "
+        f"{1e3 / least:.0f} samples/s with nothing else (goal {1.5 * MMPOSE_SAMPLES_PER_S['val']:.0f})"
+    )
     region, full = bench_pose_crops(16)
     print(f"PoseEstimator crops, 16 masked people on one image: {region:.1f} ms region-first, {full:.1f} ms full-image")
 

@@ -26,5 +26,10 @@ def test_bench_data_prints_the_four_pipelines_profile_and_pose_crops(
     assert re.search(r"JPEG decode of the box the crop reads\s+[\d.]+", out)
     assert "JPEG region decoding: on (libjpeg-turbo of Pillow" in out
     assert re.search(r"of which mask perturbation\s+[\d.]+", out)
+    floor = re.search(r"Val floor .*whole decode ([\d.]+), the crop's box ([\d.]+), of which entropy decoding to the "
+                      r"box's last row ([\d.]+); warp ([\d.]+) -> at most (\d+) samples/s", out)  # fmt: skip
+    assert floor, out
+    whole, box, entropy, warp = (float(floor.group(k)) for k in range(1, 5))
+    assert 0 < entropy < box and 0 < warp, out  # the rows above the box cost less than the box's own decode
     assert re.search(r"16 masked people on one image: [\d.]+ ms region-first, [\d.]+ ms full-image", out)
     assert "batch of 16x21 heatmaps" in out

@@ -796,3 +796,21 @@ def test_region_path_refuses_a_header_claiming_a_huge_image(tmp_path: Path, prog
     proc = _run(_HUGE, str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("refused") and "huge.jpg" in proc.stdout
+
+
+@needs_region
+def test_a_library_of_another_struct_layout_is_refused(monkeypatch):
+    """The binding checks libjpeg's ABI version and struct size at load (jpeg_CreateDecompress's own check, probed
+    with a returning error handler): a mismatch refuses the library (whole images are then decoded) instead of
+    running on a wrong layout."""
+    import ctypes
+
+    lib = jpeg_region._library()
+    jpeg_region._Lib(lib.path)  # the real layout passes
+
+    class Wider(ctypes.Structure):
+        _fields_ = [*jpeg_region._Decompress._fields_, ("extra", ctypes.c_long)]
+
+    monkeypatch.setattr(jpeg_region, "_Decompress", Wider)
+    with pytest.raises(OSError, match="not the libjpeg ABI 62"):
+        jpeg_region._Lib(lib.path)
