@@ -128,9 +128,6 @@ def decode_floor(ds) -> dict[str, float]:
     box on that row: a baseline JPEG cannot skip it), and the warp; best of 5 x 20 per sample, then averaged."""
     import cv2
 
-    from bmp_lightning.data.crop import source_region
-    from bmp_lightning.data.transforms import GetBBoxCenterScale, TopdownAffine
-
     def best(fn, *args) -> float:
         out = float("inf")
         for _ in range(5):
@@ -140,13 +137,13 @@ def decode_floor(ds) -> dict[str, float]:
             out = min(out, (time.process_time() - t) / 20)
         return 1e3 * out
 
-    affine = TopdownAffine((192, 256), 1.25)
+    affine = transforms.TopdownAffine((192, 256), 1.25)
     sums = dict.fromkeys(("whole", "box", "entropy", "warp"), 0.0)
     for i in range(len(ds)):
-        s = GetBBoxCenterScale(1.25)(ds.load_sample(i), None)
+        s = transforms.GetBBoxCenterScale(1.25)(ds.load_sample(i), None)
         mat = affine.geometry(s)[0]
         h, w = s["ori_shape"]
-        box = source_region(mat, affine.input_size, w, h)
+        box = transforms.source_region(mat, affine.input_size, w, h)
         data = Path(s["image_path"]).read_bytes()
         buf = np.frombuffer(data, np.uint8)
         info = jpeg_region.parse_jpeg(data)
