@@ -104,7 +104,7 @@ def read_image(path: str | os.PathLike, where: str = "") -> np.ndarray:
 class EncodedImage:
     """An image file's checked bytes, decoded on demand: whole, or only the box a crop reads.
 
-    What region-first pipelines receive as ``sample["img"]`` (:class:`~bmp_lightning.data.transforms.RoiCompose`):
+    What region-first pipelines receive as ``sample["img"]`` (:class:`~bmp_lightning.data.pipeline.RoiCompose`):
     ``shape`` comes from the JPEG header and ``img[y0:y1, x0:x1]`` decodes that box only
     (:func:`~bmp_lightning.structures.jpeg_region.decode_jpeg_region`), with exactly the pixels the same box of
     :func:`read_image` has. Files the region decoder does not take (PNG, CMYK, EXIF-rotated, 12-bit, ...) or a
