@@ -123,6 +123,9 @@ class EncodedImage:
             self._full = decode_image(data, path, where)
             self.shape = self._full.shape
 
+    def _name(self) -> str:
+        return f"{self.path} ({self.where})" if self.where else self.path or "<bytes>"
+
     @property
     def region_decoding(self) -> bool:
         """Whether boxes are decoded on their own (else they are cut from the whole decoded image)."""
@@ -140,7 +143,7 @@ class EncodedImage:
         x0, y0, x1, y1 = box
         if (
             self._full is None
-            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=f"{self.path} ({self.where})", out=out)
+            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=self._name(), out=out)
             is not None
         ):
             return out
@@ -163,7 +166,7 @@ class EncodedImage:
             (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape[:2], strict=True))
             if y1 > y0 and x1 > x0:
                 box = jpeg_region.decode_jpeg_region(
-                    self.data, (x0, y0, x1, y1), self.info, where=f"{self.path} ({self.where})"
+                    self.data, (x0, y0, x1, y1), self.info, where=self._name()
                 )
                 if box is not None:
                     return box
