@@ -143,8 +143,7 @@ class EncodedImage:
         x0, y0, x1, y1 = box
         if (
             self._full is None
-            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=self._name(), out=out)
-            is not None
+            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=self._name(), out=out) is not None
         ):
             return out
         out[y0:y1, x0:x1] = self.full()[y0:y1, x0:x1]
@@ -165,9 +164,7 @@ class EncodedImage:
         ):
             (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape[:2], strict=True))
             if y1 > y0 and x1 > x0:
-                box = jpeg_region.decode_jpeg_region(
-                    self.data, (x0, y0, x1, y1), self.info, where=self._name()
-                )
+                box = jpeg_region.decode_jpeg_region(self.data, (x0, y0, x1, y1), self.info, where=self._name())
                 if box is not None:
                     return box
         return self.full()[key]
