@@ -16,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bmp_lightning.data.datasets import TopDownPoseDataset, concat_records
+from bmp_lightning.data.pipeline import build_pose_pipeline
 from bmp_lightning.data.readers import ReadReport, read_detections, read_source
 from bmp_lightning.data.samplers import MultiSourceBatchSampler, ResumableDataLoader, fit_loop_epoch
 from bmp_lightning.data.synthetic import generate_if_missing
-from bmp_lightning.data.transforms import build_pose_pipeline
 from bmp_lightning.structures.records import PersonRecord, skip_summary
 from bmp_lightning.utils.common import dist_world, to_plain
 
@@ -108,7 +108,7 @@ class PoseDataModule(L.LightningDataModule):
         use_mask: MaskPose input (instance masks dim the background); ``mask_optional``: people without a mask
             pass unmasked instead of raising (upstream raises). The pipeline knobs
             ``mask_alpha``, ``mask_perturb``, ``photometric``, ``input_size`` (w, h), ``heatmap_size`` (w, h), ``sigma``
-            go to ``bmp_lightning.data.transforms.build_pose_pipeline``.
+            go to ``bmp_lightning.data.pipeline.build_pose_pipeline``.
         normalize: normalise crops in the workers (float32); default False: workers hand uint8 crops (4x fewer
             bytes through worker queues and pinned memory) and ``PoseLitModule.normalize`` runs on the device.
         skip_bad_samples: skip (count, log) broken annotations and images instead of failing.

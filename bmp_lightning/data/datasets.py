@@ -86,7 +86,7 @@ class TopDownPoseDataset(Dataset):
 
     Args:
         records: the people, e.g. a concatenation of sources (see :func:`concat_records`).
-        pipeline: ``pipeline(sample, rng) -> sample`` (``bmp_lightning.data.transforms.build_pose_pipeline``).
+        pipeline: ``pipeline(sample, rng) -> sample`` (``bmp_lightning.data.pipeline.build_pose_pipeline``).
         codec: encodes ``keypoints``/``keypoints_visible`` of the transformed sample into heatmaps when the
             pipeline does not (anything with ``encode(keypoints, visible) -> (heatmaps, weights)``).
         skip_bad_samples: on a missing/corrupt image or an unusable mask, log, count and return another sample

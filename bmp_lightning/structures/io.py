@@ -104,7 +104,7 @@ def read_image(path: str | os.PathLike, where: str = "") -> np.ndarray:
 class EncodedImage:
     """An image file's checked bytes, decoded on demand: whole, or only the box a crop reads.
 
-    What region-first pipelines receive as ``sample["img"]`` (:class:`~bmp_lightning.data.transforms.RoiCompose`):
+    What region-first pipelines receive as ``sample["img"]`` (:class:`~bmp_lightning.data.pipeline.RoiCompose`):
     ``shape`` comes from the JPEG header and ``img[y0:y1, x0:x1]`` decodes that box only
     (:func:`~bmp_lightning.structures.jpeg_region.decode_jpeg_region`), with exactly the pixels the same box of
     :func:`read_image` has. Files the region decoder does not take (PNG, CMYK, EXIF-rotated, 12-bit, ...) or a
@@ -123,6 +123,9 @@ class EncodedImage:
             self._full = decode_image(data, path, where)
             self.shape = self._full.shape
 
+    def _name(self) -> str:
+        return f"{self.path} ({self.where})" if self.where else self.path or "<bytes>"
+
     @property
     def region_decoding(self) -> bool:
         """Whether boxes are decoded on their own (else they are cut from the whole decoded image)."""
@@ -140,8 +143,7 @@ class EncodedImage:
         x0, y0, x1, y1 = box
         if (
             self._full is None
-            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=f"{self.path} ({self.where})", out=out)
-            is not None
+            and jpeg_region.decode_jpeg_region(self.data, box, self.info, where=self._name(), out=out) is not None
         ):
             return out
         out[y0:y1, x0:x1] = self.full()[y0:y1, x0:x1]
@@ -162,9 +164,7 @@ class EncodedImage:
         ):
             (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape[:2], strict=True))
             if y1 > y0 and x1 > x0:
-                box = jpeg_region.decode_jpeg_region(
-                    self.data, (x0, y0, x1, y1), self.info, where=f"{self.path} ({self.where})"
-                )
+                box = jpeg_region.decode_jpeg_region(self.data, (x0, y0, x1, y1), self.info, where=self._name())
                 if box is not None:
                     return box
         return self.full()[key]

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 import bmp_lightning.data.datasets as datasets
+import bmp_lightning.data.pipeline as pipeline
 import bmp_lightning.data.transforms as transforms
 import bmp_lightning.structures.jpeg_region as jpeg_region
 import bmp_lightning.structures.records as records
 from bmp_lightning.data.codec import UDPHeatmap
 from bmp_lightning.data.datasets import TopDownPoseDataset
+from bmp_lightning.data.pipeline import Compose, build_pose_pipeline
 from bmp_lightning.data.readers import read_coco_keypoints
-from bmp_lightning.data.transforms import Compose, build_pose_pipeline
 from bmp_lightning.models.components.pose_net import vitpose_tiny
 from bmp_lightning.pose import PoseEstimator
 from bmp_lightning.tools import bench_det, bench_loop, bench_pose
@@ -98,11 +99,11 @@ def profile_sample(ds, epochs: int = 20) -> list[tuple[str, float]]:
         (datasets, "open_image", "image file read + JPEG structure check"),
         (jpeg_region, "decode_jpeg_region", "JPEG decode of the box the crop reads"),
         (records.PersonRecord, "mask", "mask: RLE runs parsed (decoded lazily, by box)"),
-        (transforms, "transform_streams", "per-transform random streams"),
+        (pipeline, "transform_streams", "per-transform random streams"),
         (transforms.MaskBackground, "apply_region", "MaskBackground on the region (incl. perturbation)"),
         (transforms, "perturb_mask_region", "  of which mask perturbation"),
         (transforms.MaskBackground, "dim_background", "  of which background dimming"),
-        (transforms, "warp_region", "warp of flipped / masked pixels (incl. copy)"),
+        (pipeline, "warp_region", "warp of flipped / masked pixels (incl. copy)"),
         (transforms.cv2, "warpAffine", "  cv2.warpAffine (all warps)"),
         (transforms.GenerateTarget, "__call__", "heatmap encoding"),
     ]
@@ -143,7 +144,7 @@ def decode_floor(ds) -> dict[str, float]:
         s = transforms.GetBBoxCenterScale(1.25)(ds.load_sample(i), None)
         mat = affine.geometry(s)[0]
         h, w = s["ori_shape"]
-        box = transforms.source_region(mat, affine.input_size, w, h)
+        box = pipeline.source_region(mat, affine.input_size, w, h)
         data = Path(s["image_path"]).read_bytes()
         buf = np.frombuffer(data, np.uint8)
         info = jpeg_region.parse_jpeg(data)

@@ -111,7 +111,7 @@ def _image_dataset(tmp_path: Path, skip: bool):
     import cv2
 
     from bmp_lightning.data.datasets import TopDownPoseDataset
-    from bmp_lightning.data.transforms import build_pose_pipeline
+    from bmp_lightning.data.pipeline import build_pose_pipeline
 
     img = np.full((80, 100, 3), 120, np.uint8)
     cv2.imwrite(str(tmp_path / "ok.jpg"), img)
@@ -161,7 +161,7 @@ def test_bad_images_skipped_and_counted(tmp_path: Path, caplog):
 
 def test_missing_mask_for_maskpose(tmp_path: Path):
     from bmp_lightning.data.datasets import TopDownPoseDataset
-    from bmp_lightning.data.transforms import build_pose_pipeline
+    from bmp_lightning.data.pipeline import build_pose_pipeline
 
     f = _coco(tmp_path, [_ann(5)])
     recs = read_coco_keypoints(f, tmp_path)

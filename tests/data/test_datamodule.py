@@ -10,9 +10,9 @@ import torch
 
 from bmp_lightning.data.codec import UDPHeatmap
 from bmp_lightning.data.datasets import IMAGE_MEAN, IMAGE_STD, TopDownPoseDataset, concat_records
+from bmp_lightning.data.pipeline import build_pose_pipeline
 from bmp_lightning.data.readers import read_coco_keypoints, read_mpii
 from bmp_lightning.data.samplers import MultiSourceBatchSampler
-from bmp_lightning.data.transforms import build_pose_pipeline
 from bmp_lightning.structures.masks import segmentation_to_mask
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

@@ -21,16 +21,14 @@ from scipy.ndimage import distance_transform_edt
 from bmp_lightning.data.crop import source_region, warp_region
 from bmp_lightning.data.datasets import TopDownPoseDataset
 from bmp_lightning.data.mask_perturb import BRANCHES, nearest_seed, perturb_mask, perturb_mask_region
+from bmp_lightning.data.pipeline import Compose, RoiCompose, build_pose_pipeline
 from bmp_lightning.data.readers import read_coco_keypoints
 from bmp_lightning.data.synthetic import sample_scene
 from bmp_lightning.data.transforms import (
-    Compose,
     GetBBoxCenterScale,
     MaskBackground,
     RandomFlip,
-    RoiCompose,
     TopdownAffine,
-    build_pose_pipeline,
     get_udp_warp_matrix,
 )
 from bmp_lightning.structures.masks import RleMask, segmentation_to_mask
@@ -340,7 +338,7 @@ def test_configured_datamodule_samples_equal_reference(sample_data_dir: Path, cf
 def test_streams_are_lazy_distinct_and_skip_transforms_that_draw_nothing():
     """Streams are built on first use only; a generator reused for several samples gives each its own streams;
     transforms declaring ``draws_random = False`` get ``None`` (their stream is never built)."""
-    from bmp_lightning.data.transforms import transform_streams
+    from bmp_lightning.data.pipeline import transform_streams
 
     rng = np.random.default_rng(5)
     s1, s2 = transform_streams(rng, 3), transform_streams(rng, 3)

@@ -20,8 +20,8 @@ from bmp_lightning.data.mask_perturb import (
     remove_voronoi_cells,
     shrink_by_morphology,
 )
+from bmp_lightning.data.pipeline import Compose, build_pose_pipeline
 from bmp_lightning.data.transforms import (
-    Compose,
     GenerateTarget,
     GetBBoxCenterScale,
     MaskBackground,
@@ -30,7 +30,6 @@ from bmp_lightning.data.transforms import (
     RandomHalfBody,
     TopdownAffine,
     affine_points,
-    build_pose_pipeline,
     fix_aspect_ratio,
     get_udp_warp_matrix,
     truncated_normal,

@@ -99,7 +99,8 @@ def test_region_first_crops_equal_the_full_image_order_for_a_crowd():
     (MaskBackground over the whole image, then the warp), people cut by the border and overlapping boxes included."""
     import cv2
 
-    from bmp_lightning.data.transforms import Compose, GetBBoxCenterScale, MaskBackground, TopdownAffine
+    from bmp_lightning.data.pipeline import Compose
+    from bmp_lightning.data.transforms import GetBBoxCenterScale, MaskBackground, TopdownAffine
 
     rng = np.random.default_rng(0)
     h, w = 360, 480

@@ -129,8 +129,8 @@ def _coco_with_a_truncated_image(tmp_path: Path, coco_jpeg: Path) -> Path:
 
 def test_pose_dataset_truncated_image(tmp_path: Path, coco_jpeg: Path):
     from bmp_lightning.data.datasets import TopDownPoseDataset
+    from bmp_lightning.data.pipeline import build_pose_pipeline
     from bmp_lightning.data.readers import read_coco_keypoints
-    from bmp_lightning.data.transforms import build_pose_pipeline
 
     ann = _coco_with_a_truncated_image(tmp_path, coco_jpeg)
     recs = read_coco_keypoints(ann, tmp_path)
@@ -154,8 +154,8 @@ def test_pose_dataset_truncated_image(tmp_path: Path, coco_jpeg: Path):
 def test_skips_in_dataloader_workers_reach_the_main_process(tmp_path: Path, coco_jpeg: Path):
     """Two workers share the log: the main process sees the one bad sample once, whichever worker met it."""
     from bmp_lightning.data.datasets import TopDownPoseDataset
+    from bmp_lightning.data.pipeline import build_pose_pipeline
     from bmp_lightning.data.readers import read_coco_keypoints
-    from bmp_lightning.data.transforms import build_pose_pipeline
 
     ann = _coco_with_a_truncated_image(tmp_path, coco_jpeg)
     recs = read_coco_keypoints(ann, tmp_path) * 2  # indices 1 and 4 are the truncated image
