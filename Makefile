@@ -50,7 +50,7 @@ format: install ## ruff autofix + format
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench-data: install ## data pipelines train/val x ViTPose/MaskPose, samples/s vs MMPose + one-sample profile; decoder instances/s
+bench-data: install ## data pipelines train/val x ViTPose/MaskPose, samples/s vs MMPose, one-sample profile, the JPEG floor; decoder instances/s
 	$(PY) -m bmp_lightning.tools.bench what=data
 
 bench-pose: install ## ViT-B pose throughput: PoseEstimator crops/s on CPU; bf16 training img/s + inference crops/s on CUDA

@@ -48,9 +48,7 @@ class TransformStreams(Sequence[np.random.Generator]):
         ``draws_random = False``."""
         return self[i] if getattr(transform, "draws_random", True) else None
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> np.random.Generator:  # type: ignore[override]
         g = self._made[i]
         if g is None:
             seq = np.random.SeedSequence([*self._key, i % len(self)])
@@ -195,7 +193,7 @@ class RoiCompose(Compose):
             mask = None
         return self._after_warp(affine.finish(sample, geometry, crop, mask), streams)
 
-    def _after_warp(self, sample: Sample, streams: list[np.random.Generator]) -> Sample:
+    def _after_warp(self, sample: Sample, streams: TransformStreams) -> Sample:
         for i in range(self._warp + 1, len(self.transforms)):
             sample = self.transforms[i](sample, streams.of(i, self.transforms[i]))
         return sample

@@ -9,19 +9,16 @@ broken file (random bytes, empty, truncated PNG / WebP / BMP / TIFF) already fai
 from __future__ import annotations
 
 import os
-import re
 
 import cv2
 import numpy as np
 
 from bmp_lightning.structures import jpeg_region
+from bmp_lightning.structures.jpeg_header import next_marker
 from bmp_lightning.structures.records import BadSampleError
 
 _CORRUPT = "image unreadable or corrupt"  # the BadSampleError kind (skip reports)
 _JPEG_SOI = b"\xff\xd8"
-# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or RST0-7; anything else starts a marker.
-# (Fill bytes 0xFF before a marker match as the marker's first byte.)
-_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and RST0-7 carry no length
 
 
@@ -30,7 +27,7 @@ def jpeg_end(data: bytes | memoryview) -> int | None:
 
     Walks the segments from the start-of-image marker (skipping each by its length, so an EXIF thumbnail's own
     FFD9 is not taken for the end) and each scan's entropy-coded data to the next marker, as a decoder does. Data
-    after the end marker (camera trailers, motion photos) is allowed. Cost: one C-level regex pass over the scans.
+    after the end marker (camera trailers, motion photos) is allowed. Cost: one vectorised pass over the scans.
     """
     n = len(data)
     if n < 4 or bytes(data[:2]) != _JPEG_SOI:
@@ -55,10 +52,9 @@ def jpeg_end(data: bytes | memoryview) -> int | None:
             return None
         pos = end
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
-            m = _JPEG_NEXT_MARKER.search(data, pos)
-            if m is None:
+            pos = next_marker(data, pos)
+            if pos < 0:
                 return None
-            pos = m.start()
     return None
 
 
@@ -93,12 +89,15 @@ def read_image(path: str | os.PathLike, where: str = "") -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` RGB uint8 array; :class:`BadSampleError` naming the file (and
     ``where``, e.g. the annotation entry) when it is missing, empty, truncated or does not decode."""
     path = os.fspath(path)
+    return decode_image(_read_bytes(path, where), path, where)
+
+
+def _read_bytes(path: str, where: str) -> bytes:
     if not os.path.isfile(path):
         ctx = f" ({where})" if where else ""
         raise BadSampleError(f"image not found: {path}{ctx}", kind="image not found")
     with open(path, "rb") as f:
-        data = f.read()
-    return decode_image(data, path, where)
+        return f.read()
 
 
 class EncodedImage:
@@ -173,14 +172,7 @@ class EncodedImage:
 def open_image(path: str | os.PathLike, where: str = "") -> EncodedImage:
     """:func:`read_image` for region-first pipelines: the checked file, decoded only where it is read."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        ctx = f" ({where})" if where else ""
-        raise BadSampleError(f"image not found: {path}{ctx}", kind="image not found")
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) == 0:
-        check_image_bytes(data, path, where)
-    return EncodedImage(data, path, where)
+    return EncodedImage(_read_bytes(path, where), path, where)
 
 
 def as_rgb_array(image: str | os.PathLike | np.ndarray) -> np.ndarray:
